@@ -1,0 +1,185 @@
+"""URI-aware IO on ``pyarrow.fs`` for local paths and ``s3://`` URIs.
+
+Every function takes a URI (``/abs/path``, ``rel/path``, ``file:///...`` or ``s3://bucket/key``)
+and an optional ``filesystem`` to use instead of the one resolved from the URI (tests inject a
+filesystem; users normally don't).
+
+S3 endpoint: pyarrow's ``S3FileSystem`` ignores ``AWS_ENDPOINT_URL``, so an endpoint override
+is read from ``EXITS_S3_ENDPOINT`` (e.g. ``http://127.0.0.1:5000`` for a moto server) or set
+with :func:`configure_s3`. Credentials come from the usual AWS environment / instance profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+ENDPOINT_ENV = "EXITS_S3_ENDPOINT"
+REGION_ENV = "EXITS_S3_REGION"
+
+_s3_options: dict[str, Any] = {}
+
+
+def configure_s3(endpoint: str | None = None, region: str | None = None, **kwargs: Any) -> None:
+    """Set process-wide S3 options (endpoint override, region, extra S3FileSystem kwargs)."""
+    _s3_options.clear()
+    if endpoint:
+        _s3_options["endpoint"] = endpoint
+    if region:
+        _s3_options["region"] = region
+    _s3_options.update(kwargs)
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An ``S3FileSystem`` honouring :func:`configure_s3` and ``EXITS_S3_ENDPOINT``."""
+    endpoint = _s3_options.get("endpoint") or os.environ.get(ENDPOINT_ENV)
+    region = _s3_options.get("region") or os.environ.get(REGION_ENV) or "us-east-1"
+    extra = {k: v for k, v in _s3_options.items() if k not in ("endpoint", "region")}
+    kwargs: dict[str, Any] = {"region": region, **extra}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "http"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def get_filesystem(
+    uri: str, filesystem: pafs.FileSystem | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """Resolve ``uri`` to ``(filesystem, path)``; ``path`` is what the filesystem expects."""
+    uri = str(uri)
+    if is_s3(uri):
+        path = uri[len("s3://") :].rstrip("/")
+        return (filesystem or s3_filesystem()), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    path = os.path.abspath(uri)
+    return (filesystem or pafs.LocalFileSystem()), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/' (also for local paths)."""
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str, filesystem: pafs.FileSystem | None = None) -> bool:
+    fs, path = get_filesystem(uri, filesystem)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, filesystem: pafs.FileSystem | None = None) -> bool:
+    fs, path = get_filesystem(uri, filesystem)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    fs, path = get_filesystem(uri, filesystem)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str, filesystem: pafs.FileSystem | None = None) -> bytes:
+    fs, path = get_filesystem(uri, filesystem)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
+    fs, path = get_filesystem(uri, filesystem)
+    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_text(uri: str, filesystem: pafs.FileSystem | None = None) -> str:
+    return read_bytes(uri, filesystem).decode("utf-8")
+
+
+def write_text(uri: str, text: str, filesystem: pafs.FileSystem | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), filesystem)
+
+
+def read_json(uri: str, filesystem: pafs.FileSystem | None = None) -> Any:
+    return json.loads(read_bytes(uri, filesystem))
+
+
+def write_json(uri: str, obj: Any, filesystem: pafs.FileSystem | None = None) -> None:
+    publish_bytes(uri, json.dumps(obj, indent=2, default=str).encode("utf-8"), filesystem)
+
+
+def list_dir(uri: str, filesystem: pafs.FileSystem | None = None, recursive: bool = False) -> list[str]:
+    """URIs of the entries under ``uri`` (sorted; empty when it does not exist)."""
+    fs, path = get_filesystem(uri, filesystem)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
+    infos = fs.get_file_info(selector)
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + info.path for info in infos)
+
+
+def delete(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Delete a file or a directory tree; no error when absent."""
+    fs, path = get_filesystem(uri, filesystem)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def publish_bytes(uri: str, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
+    """Atomically publish ``data`` at ``uri``: readers see the old object or the whole new one.
+
+    Local: write a temp file beside the target and ``os.replace`` it. S3: a single PUT is
+    already atomic for readers (objects are never visible half-written).
+    """
+    fs, path = get_filesystem(uri, filesystem)
+    if is_s3(uri) or not isinstance(fs, pafs.LocalFileSystem):
+        write_bytes(uri, data, filesystem)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def local_copy(uri: str, filesystem: pafs.FileSystem | None = None) -> Iterator[str]:
+    """Yield a local path holding ``uri``'s content (the path itself when already local)."""
+    fs, path = get_filesystem(uri, filesystem)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    tmpdir = tempfile.mkdtemp(prefix="exits-")
+    try:
+        local = os.path.join(tmpdir, posixpath.basename(path))
+        with open(local, "wb") as f:
+            f.write(read_bytes(uri, filesystem))
+        yield local
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (local or s3)."""
+    fs, path = get_filesystem(uri, filesystem)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
