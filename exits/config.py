@@ -1,0 +1,228 @@
+"""One commented dataclass per component; YAML from ``configs/`` parsed once at the job boundary.
+
+Load with :func:`load_config` (a dataset name such as ``demo`` / ``coco`` / ``lvis`` / ``voc``,
+or a path to a YAML file) plus ``key.sub=value`` overrides from the command line. Library code
+receives the small dataclass it needs, never the whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset lives (local paths or s3:// URIs)."""
+
+    name: str = "demo"
+    annotations: str = ""  # train json (COCO / LVIS v1 / VOC-as-COCO)
+    images: str = ""  # prefix the train json's file names are relative to
+    val_annotations: str = ""  # GT json used for evaluation (stage 2 val, pseudo-label mIoU)
+    val_images: str = ""
+    # demo only: the synthetic set is generated under <output>/data when annotations is empty
+    synthetic_images: int = 96
+    synthetic_image_size: int = 128
+    synthetic_seed: int = 0
+    max_instances: int = 0  # >0: keep only the first N instances (quick runs)
+
+
+@dataclass
+class CropConfig:
+    """Crops around the extreme-point box (MAL / paper)."""
+
+    size: int = 512  # S: crops are resized to S x S (aspect not kept)
+    inference_enlarge: float = 1.3  # fixed enlargement per dimension at inference
+    train_mean_enlarge: float = 1.3  # random per-side margin at training, mean ...
+    train_max_enlarge: float = 1.6  # ... and max enlargement per dimension
+
+
+@dataclass
+class ModelConfig:
+    """Generator / similarity-extractor architecture and weights."""
+
+    generator: str = "vit_base_mae"  # exits.model.generator.GENERATORS key
+    encoder_checkpoint: str | None = None  # pretrained ViT (e.g. MAE ViT-B/16) path or URI
+    attention_block: int | None = None  # 0-based block for the similarity (None: builder default)
+
+
+@dataclass
+class RetrievalConfig:
+    """Point retrieval (Sec. 3.2.2) and the similarity source behind the transition matrix."""
+
+    enabled: bool = True  # False: supervise with the initial points only (paper Table 5, row 2)
+    similarity: str = "attention"  # attention | bilateral | spatial | attention_x_bilateral
+    sinkhorn_iters: int = 50
+    hops: int = 3  # alpha
+    threshold_rule: str = "absolute"  # absolute (paper, scaled by 1024/n) | relative (quantiles)
+    tau_fg: float = 1e-3  # paper values for n = 1024 tokens
+    tau_bg: float = -1e-4
+    fg_quantile: float = 0.8  # relative rule: top / bottom in-box quantiles
+    bg_quantile: float = 0.2
+    delta: float = 1.0  # inward shift of the extreme points, in patch units
+    dropout: float = 0.9  # point dropout rate, resampled every step
+    bilateral_theta_pos: float = 1.5  # patch cells
+    bilateral_theta_col: float = 10.0  # CIELAB units
+
+
+@dataclass
+class LossConfig:
+    """Training objective (Eq. 1, 6-10)."""
+
+    objective: str = "exits"  # exits (point + CRF) | box_only (MAL ablation: MIL + CRF)
+    lambda_point: float = 1.0
+    lambda_crf: float = 0.5
+    lambda_mil: float = 1.0
+    balanced_bce: float = 0.0  # from-scratch switch: class-balanced BCE on labelled points
+    crf: str = "torch"  # torch (batched mean-field, GPU) | pydensecrf (exact, CPU)
+    crf_iters: int = 5
+    warmup_pairwise: float = 0.0  # from-scratch switch: colour-affinity term in the 1a warm-up
+
+
+@dataclass
+class TrainConfig:
+    """One Ray Train stage (1a warm-up or 1b generator)."""
+
+    epochs: int = 1
+    max_steps: int = 0  # >0 caps the number of optimizer steps
+    batch_size: int = 8  # per worker
+    lr: float = 1.5e-6  # paper; MAL scales it by GPUs x batch
+    scale_lr: bool = True  # multiply lr by world_size * batch_size (MAL)
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    ema_momentum: float = 0.996
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    amp: bool = True  # bf16 autocast on GPU only
+    max_failures: int = 1
+    checkpoint_every: int = 50  # steps
+    seed: int = 0
+    fail_at_step: int = -1  # fault injection (tests): a worker exits at this step once
+
+
+@dataclass
+class LabelConfig:
+    """Stage 1c: bulk pseudo-labelling on Ray Data."""
+
+    batch_size: int = 32  # crops per model batch
+    num_actors: int = 1  # fixed-size actor pool (autoscaling GPU pools can stall, ray#59144)
+    gpus_per_actor: float = 0.0  # 1 on GPU clusters
+    cpus_per_actor: float = 1.0
+    threshold: float = 0.5  # probability threshold after paste-back
+    use_gpu: bool = False
+    images_per_block: int = 8  # images per CPU decode/crop batch
+    fail_after_batches: int = -1  # fault injection (tests)
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: mmdetection instance segmentation under Ray Train."""
+
+    model: str = "solov2_r50"  # mask_rcnn_r50 | solov2_r50 | mask2former_r50
+    profile: str = "full"  # full (mmdet schedule) | cpu_small
+    max_iters: int = 0  # >0 overrides the schedule (cpu_small)
+    num_workers: int = 1
+    use_gpu: bool = False
+    image_size: int = 0  # cpu_small resize (0: profile default)
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a pipeline run needs; each stage receives only its part."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    warmup: TrainConfig = field(default_factory=TrainConfig)  # stage 1a
+    generator: TrainConfig = field(default_factory=TrainConfig)  # stage 1b
+    label: LabelConfig = field(default_factory=LabelConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    device: str = "cpu"  # cpu | cuda (GPU switches of all stages default from this)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _merge(obj: Any, data: dict, where: str) -> Any:
+    """Recursively apply a dict onto a dataclass instance; unknown keys fail fast."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise KeyError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {where}{key} expects a mapping")
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, value)
+    return obj
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    if os.path.exists(name_or_path):
+        return name_or_path
+    path = os.path.join(CONFIG_DIR, "datasets", f"{name_or_path}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "datasets")) if f.endswith(".yaml"))
+        raise FileNotFoundError(f"no dataset config {name_or_path!r}; known: {known}")
+    return path
+
+
+def load_yaml(path: str) -> dict:
+    """Load a YAML config; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    base = data.pop("base", None)
+    if base:
+        merged = load_yaml(os.path.join(os.path.dirname(path), base))
+        return _deep_update(merged, data)
+    return data
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = _parse_value(text)
+        _merge(cfg, nested, "")
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a dataset name or YAML path plus overrides."""
+    cfg = _merge(PipelineConfig(), load_yaml(resolve_config_path(name_or_path)), "")
+    cfg = apply_overrides(cfg, overrides or [])
+    if cfg.device == "cuda":
+        for part in (cfg.warmup, cfg.generator, cfg.label, cfg.stage2):
+            part.use_gpu = True
+        if cfg.label.gpus_per_actor == 0:
+            cfg.label.gpus_per_actor = 1.0
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

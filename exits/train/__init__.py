@@ -1,0 +1,1 @@
+"""Stage-1 training on Ray Train: 1a similarity-extractor warm-up, 1b EXITS generator."""

@@ -1,0 +1,136 @@
+"""Training crops from the instance table (a torch Dataset; each Ray Train worker reads its shard).
+
+One item = one instance: its crop at a random (train) or fixed (eval) enlargement, resized to
+S x S, plus the geometry the losses need, all in *crop pixel edge* coordinates (pixel u spans
+[u, u+1)). A horizontal flip (train) is applied here, before the student/teacher split, so it
+is shared by both (MAL); photometric augmentations are student-only (transforms.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from exits import storage
+from exits.data.crops import (
+    box_mask_in_crop,
+    crop_and_resize,
+    enlarge_box,
+    image_to_crop,
+    random_enlarge_box,
+)
+from exits.data.extreme_points import box_from_extreme_points
+from exits.data.images import load_image
+
+LEFT, RIGHT = 1, 3  # indices in (top, left, bottom, right)
+
+
+@dataclass
+class CropSpec:
+    size: int
+    train: bool
+    mean_enlarge: float = 1.3
+    max_enlarge: float = 1.6
+    inference_enlarge: float = 1.3
+    flip_prob: float = 0.5
+
+
+def instance_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows)."""
+    if row.get("extreme_points") is not None:
+        pts = np.asarray(row["extreme_points"], dtype=np.float64)
+        return box_from_extreme_points(pts), pts
+    x, y, w, h = row["bbox"]
+    return np.array([x, y, x + w, y + h], dtype=np.float64), None
+
+
+def _box_midpoints(box: np.ndarray) -> np.ndarray:
+    """Stand-in points (side midpoints) for box-only rows; they are flagged has_points=False."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5
+    return np.array([[cx, y0], [x0, cy], [cx, y1 - 1], [x1 - 1, cy]])
+
+
+class CropDataset(Dataset):
+    """Instance crops for stage-1 training / evaluation.
+
+    Items are dicts of tensors:
+        image (3, S, S) uint8 RGB; valid (S, S) bool (inside the image);
+        points (4, 2) float32 extreme points (x, y) in crop pixel-index coords;
+        box (4,) float32 [x0, y0, x1, y1] in crop edge coords; box_mask (S, S) bool;
+        has_points bool; gt (S, S) bool crop of the GT mask (zeros when absent); index int.
+    """
+
+    def __init__(self, table: pa.Table, images: str, spec: CropSpec, seed: int = 0, cache_images: int = 256):
+        self.rows = table.to_pylist()
+        self.images = images
+        self.spec = spec
+        self.seed = seed
+        self.epoch = 0
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, file_name: str) -> np.ndarray:
+        if file_name in self._cache:
+            self._cache.move_to_end(file_name)
+            return self._cache[file_name]
+        img = load_image(storage.join(self.images, file_name))
+        self._cache[file_name] = img
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return img
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        spec = self.spec
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        image = self._image(row["file_name"])
+        box, pts = instance_box(row)
+        has_points = pts is not None
+        if pts is None:
+            pts = _box_midpoints(box)
+        if spec.train:
+            crop_box = random_enlarge_box(box, rng, spec.mean_enlarge, spec.max_enlarge)
+        else:
+            crop_box = enlarge_box(box, spec.inference_enlarge)
+        S = spec.size
+        crop, valid = crop_and_resize(image, crop_box, S)
+        gt = np.zeros((S, S), bool)
+        if row.get("gt_segmentation"):
+            from exits.data.coco import instance_mask
+
+            m = instance_mask(row).astype(np.uint8) * 255
+            gt = crop_and_resize(m, crop_box, S)[0] >= 128
+        cpts = image_to_crop(pts, crop_box, S)  # (4, 2) pixel-index coords
+        sx, sy = S / (crop_box[2] - crop_box[0]), S / (crop_box[3] - crop_box[1])
+        cbox = np.array(
+            [(box[0] - crop_box[0]) * sx, (box[1] - crop_box[1]) * sy, (box[2] - crop_box[0]) * sx, (box[3] - crop_box[1]) * sy]
+        )
+        box_mask = box_mask_in_crop(box, crop_box, S)
+        if spec.train and rng.random() < spec.flip_prob:
+            crop, valid, gt, box_mask = crop[:, ::-1], valid[:, ::-1], gt[:, ::-1], box_mask[:, ::-1]
+            cpts = cpts.copy()
+            cpts[:, 0] = S - 1 - cpts[:, 0]
+            cpts[[LEFT, RIGHT]] = cpts[[RIGHT, LEFT]]  # left and right extreme points swap roles
+            cbox = np.array([S - cbox[2], cbox[1], S - cbox[0], cbox[3]])
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+            "points": torch.from_numpy(cpts.astype(np.float32)),
+            "box": torch.from_numpy(cbox.astype(np.float32)),
+            "box_mask": torch.from_numpy(np.ascontiguousarray(box_mask)),
+            "has_points": torch.tensor(has_points),
+            "gt": torch.from_numpy(np.ascontiguousarray(gt)),
+            "index": torch.tensor(index),
+        }

@@ -1,0 +1,209 @@
+"""Ray Train ``train_loop_per_worker`` functions for stage 1a (warm-up) and 1b (generator).
+
+Both loops: each worker reads its shard of the instance table (DistributedSampler), crops are
+cut by DataLoader worker processes in parallel with the model step, the model is wrapped by
+``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU), AdamW with linear warm-up +
+cosine decay, bf16 autocast on GPU. Every ``checkpoint_every`` steps rank 0 writes a checkpoint
+(weights + optimiser + scheduler + step + metric history + a self-describing model.pt) through
+``ray.train.report``; a restarted worker group (failure, or a re-submitted run with the same
+``RunConfig(storage_path, name)``) resumes from ``ray.train.get_checkpoint()`` at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from exits import storage
+from exits.checkpoints import checkpoint_bytes
+from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
+from exits.crf import build_crf
+from exits.data.coco import read_table
+from exits.model.generator import build_generator, build_similarity_extractor, ema_update, make_teacher
+from exits.train.data import CropDataset, CropSpec
+from exits.train.steps import generator_loss, to_device, warmup_loss
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+
+
+def _model_kwargs(model_cfg: ModelConfig, crop: CropConfig) -> dict:
+    kw: dict[str, Any] = {"img_size": crop.size}
+    if model_cfg.encoder_checkpoint:
+        kw["encoder_checkpoint"] = model_cfg.encoder_checkpoint
+    return kw
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 0 (multiplier of the base lr)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _loader(dataset: CropDataset, tcfg: TrainConfig, rank: int, world: int, epoch: int, skip_batches: int, loader_workers: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    indices = list(sampler)[skip_batches * tcfg.batch_size :]
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=tcfg.batch_size,
+        shuffle=False,
+        drop_last=True,
+        num_workers=loader_workers,
+        persistent_workers=False,
+    )
+
+
+def _maybe_inject_fault(step: int, tcfg: TrainConfig, marker_dir: str | None, rank: int) -> None:
+    """Fault injection for tests: the first time ``step`` hits ``fail_at_step``, rank 0 dies."""
+    if tcfg.fail_at_step < 0 or step != tcfg.fail_at_step or rank != 0 or not marker_dir:
+        return
+    marker = storage.join(marker_dir, f"fault-injected-step-{step}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "1")
+    os._exit(17)  # hard worker death, as a lost node would look
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Shared loop; ``config["stage"]`` is "warmup" (1a) or "generator" (1b)."""
+    import ray.train
+    import ray.train.torch
+
+    stage = config["stage"]
+    tcfg = TrainConfig(**config["train"])
+    crop = CropConfig(**config["crop"])
+    mcfg = ModelConfig(**config["model"])
+    rcfg = RetrievalConfig(**config["retrieval"])
+    lcfg = LossConfig(**config["loss"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tcfg.seed + rank)
+
+    kwargs = _model_kwargs(mcfg, crop)
+    if stage == "warmup":
+        model = build_similarity_extractor(mcfg.generator, attention_block=mcfg.attention_block, freeze=False, **kwargs)
+        model.train()
+        teacher, extractor = None, None
+    else:
+        model = build_generator(mcfg.generator, **kwargs)
+        teacher = make_teacher(model).to(device)
+        extractor = None
+        if config.get("extractor_checkpoint"):
+            from exits.checkpoints import load_model
+
+            extractor, _ = load_model(config["extractor_checkpoint"], device)
+            extractor.freeze()
+    model.to(device)
+
+    table: pa.Table = read_table(config["instances"])
+    spec = CropSpec(size=crop.size, train=True, mean_enlarge=crop.train_mean_enlarge, max_enlarge=crop.train_max_enlarge)
+    dataset = CropDataset(table, config["images"], spec, seed=tcfg.seed)
+    steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * world))
+    total = tcfg.epochs * steps_per_epoch
+    if tcfg.max_steps > 0:
+        total = min(total, tcfg.max_steps)
+    lr = tcfg.lr * (world * tcfg.batch_size if tcfg.scale_lr else 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, tcfg.warmup_steps, total))
+
+    step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        step, history = int(state["step"]), list(state["history"])
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    crf_fn = build_crf(lcfg.crf, n_iters=lcfg.crf_iters) if stage == "generator" else None
+    amp = tcfg.amp and device.type == "cuda"
+    gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
+    loader_workers = int(config.get("loader_workers", 1))
+
+    def save_and_report(metrics: dict, final: bool = False) -> None:
+        checkpoint = None
+        tmp = None
+        if rank == 0:
+            tmp = tempfile.mkdtemp(prefix=f"exits-{stage}-")
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "step": step, "history": history}  # fmt: skip
+            if teacher is not None:
+                state["teacher"] = teacher.state_dict()
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            export = teacher if teacher is not None else model
+            kind = "generator" if teacher is not None else "extractor"
+            bkw = dict(kwargs)
+            if kind == "extractor":
+                bkw["attention_block"] = model.attention_block
+            with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
+                f.write(checkpoint_bytes(export, mcfg.generator, kind, bkw, {"step": step, "final": final}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
+
+    t_last, n_last = time.time(), 0
+    epoch = step // steps_per_epoch
+    while step < total:
+        loader = _loader(dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers)
+        for batch in loader:
+            if step >= total:
+                break
+            _maybe_inject_fault(step, tcfg, config.get("marker_dir"), rank)
+            batch = to_device(batch, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                if stage == "warmup":
+                    loss, logs = warmup_loss(ddp_model, batch, lcfg)
+                else:
+                    loss, logs = generator_loss(ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if teacher is not None:
+                ema_update(teacher, model, tcfg.ema_momentum)
+            step += 1
+            n_last += batch["image"].shape[0] * world
+            if rank == 0:
+                now = time.time()
+                logs.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], samples_per_s=n_last / max(now - t_last, 1e-9))
+                history.append(logs)
+                t_last, n_last = now, 0
+            if step % tcfg.checkpoint_every == 0 and step < total:
+                save_and_report({"loss": logs["loss"]})
+        epoch += 1
+    save_and_report({"loss": history[-1]["loss"] if history else float("nan")}, final=True)
+
+
+def loop_config(stage: str, instances: str, images: str, crop: CropConfig, model: ModelConfig, retrieval: RetrievalConfig,
+                loss: LossConfig, train: TrainConfig, extractor_checkpoint: str | None = None,
+                marker_dir: str | None = None, loader_workers: int = 1) -> dict:  # fmt: skip
+    """The plain-dict config handed to every worker."""
+    return {
+        "stage": stage,
+        "instances": instances,
+        "images": images,
+        "crop": asdict(crop),
+        "model": asdict(model),
+        "retrieval": asdict(retrieval),
+        "loss": asdict(loss),
+        "train": asdict(train),
+        "extractor_checkpoint": extractor_checkpoint,
+        "marker_dir": marker_dir,
+        "loader_workers": loader_workers,
+    }

@@ -1,0 +1,116 @@
+"""Pseudo-label a dataset in bulk with a trained generator (stage 1c on its own).
+
+Usage::
+
+    # local Ray, CPU
+    python jobs/pseudo_label.py --checkpoint runs/demo/generator/model.pt \\
+        --annotations demo_data/annotations/instances_train.json --images demo_data/images \\
+        --output runs/label-demo
+    # on a cluster (RAY_ADDRESS is set by `ray job submit`), GPUs, S3
+    ray job submit --working-dir . -- python jobs/pseudo_label.py \\
+        --checkpoint s3://bucket/gen.pt --annotations s3://bucket/lvis_v1_train.json \\
+        --images s3://bucket/coco/ --output s3://bucket/runs/lvis-labels \\
+        --config configs/label/gpu.yaml --num-actors 8
+
+The annotations may carry ``extreme_points`` per annotation (or GT masks/polygons they are
+derived from); annotations with boxes only are cropped from their box and flagged
+``supervision="box"``. Outputs under ``<output>/label/``: ``masks/`` and ``errors/`` Parquet
+shards, ``manifest.json`` and the COCO json ``pseudo_labels.json``. Re-running the same command
+resumes: finished shards are kept, the rest is labelled. Prints a summary line and, last, a
+JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from exits import manifest, storage  # noqa: E402
+from exits.config import CropConfig, LabelConfig, load_config  # noqa: E402
+from exits.data.coco import load_instances  # noqa: E402
+from exits.export import export_coco  # noqa: E402
+from exits.label import STAGE, describe_checkpoint, label_instances  # noqa: E402
+
+EXPORT_NAME = "pseudo_labels.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint URI")
+    p.add_argument("--annotations", required=True, help="COCO-format json URI")
+    p.add_argument("--images", required=True, help="URI prefix of the images")
+    p.add_argument("--output", required=True, help="run directory URI (local or s3://)")
+    p.add_argument("--config", help="YAML with label:/crop: sections (e.g. configs/label/gpu.yaml)")
+    p.add_argument("--num-actors", type=int, help="model actors (1 GPU each with --use-gpu)")
+    p.add_argument("--batch-size", type=int, help="crops per model batch")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per actor, bf16 autocast")
+    p.add_argument("--threshold", type=float, help="mask probability threshold")
+    p.add_argument("--crop-size", type=int, help="S (default: the generator's input size)")
+    p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. label.images_per_block=16")
+    return p.parse_args(argv)
+
+
+def build_configs(args: argparse.Namespace) -> tuple[CropConfig, LabelConfig]:
+    """Config file, then key=value overrides, then the explicit flags (flags win)."""
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+        crop, label = cfg.crop, cfg.label
+    else:
+        if args.overrides:
+            raise SystemExit("key=value overrides need --config")
+        crop, label = CropConfig(), LabelConfig()
+        crop.size = describe_checkpoint(args.checkpoint)["input_size"]
+    if args.crop_size:
+        crop.size = args.crop_size
+    if args.num_actors:
+        label.num_actors = args.num_actors
+    if args.batch_size:
+        label.batch_size = args.batch_size
+    if args.threshold is not None:
+        label.threshold = args.threshold
+    if args.use_gpu:
+        label.use_gpu = True
+        label.gpus_per_actor = label.gpus_per_actor or 1.0
+    return crop, label
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import ray
+
+    args = parse_args(argv)
+    crop, label = build_configs(args)
+    # prepare: parse the json; images are decoded once, in the label stage (check_files=False)
+    instances, prepare_errors = load_instances(args.annotations, args.images, check_files=False)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
+    try:
+        summary = label_instances(
+            instances, args.images, args.checkpoint, args.output, crop, label,
+            upstream_errors=prepare_errors,
+        )  # fmt: skip
+    finally:
+        if started_ray:
+            ray.shutdown()
+    export_uri = manifest.stage_uri(args.output, STAGE, EXPORT_NAME)
+    exported = export_coco(manifest.stage_uri(args.output, STAGE, "masks"), args.annotations, export_uri)
+    summary = {**summary, "coco_json": export_uri, "exported": exported}
+    errors = summary["errors"] + summary["prepare_errors"]
+    print(
+        f"pseudo_label: {summary['instances']} instances done: {summary['masks']} masks "
+        f"({summary['empty_masks']} empty), {errors} errors ({summary['prepare_errors']} at "
+        f"prepare); {summary['crops_per_s']} crops/s; {summary['shards_skipped']}/"
+        f"{summary['shards']} shards resumed; COCO json {export_uri}"
+    )
+    if not storage.exists(export_uri):
+        raise RuntimeError(f"export {export_uri} missing")
+    print(json.dumps(summary, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
