@@ -23,7 +23,11 @@ FORMAT = "exits.model/1"
 
 
 def checkpoint_bytes(
-    model: nn.Module, builder: str, kind: str, builder_kwargs: dict | None = None, meta: dict | None = None
+    model: nn.Module,
+    builder: str,
+    kind: str,
+    builder_kwargs: dict | None = None,
+    meta: dict | None = None,
 ) -> bytes:
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -35,7 +39,14 @@ def checkpoint_bytes(
     return buf.getvalue()
 
 
-def save_model(uri: str, model: nn.Module, builder: str, kind: str, builder_kwargs: dict | None = None, meta: dict | None = None) -> str:
+def save_model(
+    uri: str,
+    model: nn.Module,
+    builder: str,
+    kind: str,
+    builder_kwargs: dict | None = None,
+    meta: dict | None = None,
+) -> str:
     """Write a self-describing checkpoint to ``uri`` (local or s3); returns its content id."""
     data = checkpoint_bytes(model, builder, kind, builder_kwargs, meta)
     storage.publish_bytes(uri, data)

@@ -173,7 +173,9 @@ def resolve_config_path(name_or_path: str) -> str:
         return name_or_path
     path = os.path.join(CONFIG_DIR, "datasets", f"{name_or_path}.yaml")
     if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "datasets")) if f.endswith(".yaml"))
+        known = sorted(
+            f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "datasets")) if f.endswith(".yaml")
+        )
         raise FileNotFoundError(f"no dataset config {name_or_path!r}; known: {known}")
     return path
 
@@ -192,7 +194,9 @@ def load_yaml(path: str) -> dict:
 def _deep_update(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 

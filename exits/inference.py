@@ -21,19 +21,25 @@ from exits.train.data import instance_box
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, crops: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
+def predict_probs(
+    model: nn.Module, crops: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """(B, S, S, 3) uint8 crops -> (B, h, h) float32 probabilities (h = S / 4).
 
     bf16 autocast on CUDA; float32 on CPU.
     """
     device = torch.device(device)
     x = normalize(to_tensor(crops).to(device))
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    ):
         logits = model(x)
     return logits.float().sigmoid()[:, 0].cpu().numpy()
 
 
-def crop_instance(image: np.ndarray, row: dict, size: int, enlarge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_instance(
+    image: np.ndarray, row: dict, size: int, enlarge: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(crop (S, S, 3) uint8, crop_box, box) at the fixed inference enlargement."""
     box, _ = instance_box(row)
     crop_box = enlarge_box(box, enlarge)

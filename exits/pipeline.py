@@ -44,7 +44,12 @@ def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
         write_demo_dataset(target, d.synthetic_images, d.synthetic_image_size, d.synthetic_seed)
     ann = storage.join(target, "annotations")
     img = storage.join(target, "images")
-    return storage.join(ann, "instances_train.json"), img, storage.join(ann, "instances_val.json"), img
+    return (
+        storage.join(ann, "instances_train.json"),
+        img,
+        storage.join(ann, "instances_val.json"),
+        img,
+    )
 
 
 def data_paths(cfg: PipelineConfig, run: str) -> dict:
@@ -78,7 +83,9 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
         write_table(vinst, _uri(run, "prepare", "val_instances.parquet"))
         counts.update(val_instances=vinst.num_rows, val_errors=verr.num_rows)
     counts["separated"] = int(sum(bool(s) for s in inst["separated"].to_pylist()))
-    return manifest.write_manifest(run, "prepare", fp, started, data=paths, counts=counts, config=asdict(d))
+    return manifest.write_manifest(
+        run, "prepare", fp, started, data=paths, counts=counts, config=asdict(d)
+    )
 
 
 # ----------------------------------------------------------------------------- 1a / 1b
@@ -90,7 +97,11 @@ def _train_stage(cfg: PipelineConfig, run: str, fp: str, stage: str) -> dict:
     paths = data_paths(cfg, run)
     tcfg = cfg.warmup if stage == "warmup" else cfg.generator
     extractor = None
-    if stage == "generator" and cfg.retrieval.similarity.startswith("attention") and cfg.loss.objective == "exits":
+    if (
+        stage == "generator"
+        and cfg.retrieval.similarity.startswith("attention")
+        and cfg.loss.objective == "exits"
+    ):
         extractor = _uri(run, "warmup", "model.pt")
     loop = loop_config(
         stage, _uri(run, "prepare", "instances.parquet"), paths["images"], cfg.crop, cfg.model,
@@ -105,6 +116,7 @@ def _train_stage(cfg: PipelineConfig, run: str, fp: str, stage: str) -> dict:
     return manifest.write_manifest(
         run, stage, fp, started,
         checkpoint=_uri(run, stage, "model.pt"), steps=art["steps"], final_loss=last.get("loss"),
+        resumed_from_steps=art["resumed_from"],
         samples_per_s=_median([h.get("samples_per_s", 0.0) for h in art["history"]]),
         metrics=metrics, config={"train": asdict(tcfg), "loss": asdict(cfg.loss), "retrieval": asdict(cfg.retrieval)},
     )  # fmt: skip
@@ -115,7 +127,9 @@ def _median(xs: list[float]) -> float:
     return float(xs[len(xs) // 2]) if xs else 0.0
 
 
-def _stage_metrics(cfg: PipelineConfig, run: str, stage: str, paths: dict, extractor: str | None) -> dict:
+def _stage_metrics(
+    cfg: PipelineConfig, run: str, stage: str, paths: dict, extractor: str | None
+) -> dict:
     """1a: retrieval quality of the configured similarity source; 1b: held-out pseudo-label mIoU."""
     import torch
 
@@ -133,8 +147,12 @@ def _stage_metrics(cfg: PipelineConfig, run: str, stage: str, paths: dict, extra
         return {}
     model, _ = load_model(_uri(run, stage, "model.pt"))
     if stage == "warmup":
-        spec = CropSpec(size=cfg.crop.size, train=False, inference_enlarge=cfg.crop.inference_enlarge)
-        loader = torch.utils.data.DataLoader(CropDataset(table, paths["val_images"], spec), batch_size=32)
+        spec = CropSpec(
+            size=cfg.crop.size, train=False, inference_enlarge=cfg.crop.inference_enlarge
+        )
+        loader = torch.utils.data.DataLoader(
+            CropDataset(table, paths["val_images"], spec), batch_size=32
+        )
         out = {}
         for source in ("attention", cfg.retrieval.similarity):
             rc = cfg.retrieval.__class__(**{**asdict(cfg.retrieval), "similarity": source})
@@ -164,7 +182,9 @@ def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
         _uri(run, "prepare", "instances.parquet"), paths["images"], _uri(run, "generator", "model.pt"), run,
         cfg.crop, cfg.label, upstream_errors=read_table(_uri(run, "prepare", "errors.parquet")),
     )  # fmt: skip
-    coco = export_coco(_uri(run, "label", "masks"), paths["annotations"], _uri(run, "label", "pseudo_coco.json"))
+    coco = export_coco(
+        _uri(run, "label", "masks"), paths["annotations"], _uri(run, "label", "pseudo_coco.json")
+    )
     return manifest.write_manifest(run, "label", fp, started, summary=summary, export=coco,
                                    pseudo_json=_uri(run, "label", "pseudo_coco.json"), config=asdict(cfg.label))  # fmt: skip
 
@@ -192,7 +212,9 @@ def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
     metrics: dict = {"dataset": cfg.data.name}
     label_m = manifest.read_manifest(run, "label") or {}
     if label_m.get("pseudo_json"):
-        metrics["pseudo_label_train"] = pseudo_label_miou(paths["annotations"], label_m["pseudo_json"])
+        metrics["pseudo_label_train"] = pseudo_label_miou(
+            paths["annotations"], label_m["pseudo_json"]
+        )
     gen_m = manifest.read_manifest(run, "generator") or {}
     if gen_m.get("metrics", {}).get("pseudo_label"):
         metrics["pseudo_label_heldout"] = gen_m["metrics"]["pseudo_label"]
@@ -201,7 +223,9 @@ def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
     s2 = manifest.read_manifest(run, "stage2") or {}
     if s2.get("metrics"):
         metrics["mask_ap"] = s2["metrics"]
-    metrics["stages"] = {s: {"seconds": (manifest.read_manifest(run, s) or {}).get("seconds")} for s in STAGES[:-1]}
+    metrics["stages"] = {
+        s: {"seconds": (manifest.read_manifest(run, s) or {}).get("seconds")} for s in STAGES[:-1]
+    }
     storage.write_json(_uri(run, "eval", "metrics.json"), metrics)
     storage.write_json(storage.join(run, "metrics.json"), metrics)
     try:
@@ -257,6 +281,7 @@ def run_pipeline(
     if from_stage:
         selected = [s for s in STAGES if STAGES.index(s) >= STAGES.index(from_stage)]
     storage.makedirs(output)
+    storage.write_json(storage.join(output, "config.json"), asdict(cfg))
     fps = stage_fingerprints(cfg)
     results = {}
     for stage in STAGES:
@@ -270,7 +295,6 @@ def run_pipeline(
         t = time.time()
         results[stage] = STAGE_FUNCS[stage](cfg, output, fps[stage])
         log.info("stage %s: finished in %.1f s", stage, time.time() - t)
-    storage.write_json(storage.join(output, "config.json"), asdict(cfg))
     return results
 
 

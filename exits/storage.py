@@ -124,7 +124,9 @@ def write_json(uri: str, obj: Any, filesystem: pafs.FileSystem | None = None) ->
     publish_bytes(uri, json.dumps(obj, indent=2, default=str).encode("utf-8"), filesystem)
 
 
-def list_dir(uri: str, filesystem: pafs.FileSystem | None = None, recursive: bool = False) -> list[str]:
+def list_dir(
+    uri: str, filesystem: pafs.FileSystem | None = None, recursive: bool = False
+) -> list[str]:
     """URIs of the entries under ``uri`` (sorted; empty when it does not exist)."""
     fs, path = get_filesystem(uri, filesystem)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
@@ -182,4 +184,6 @@ def local_copy(uri: str, filesystem: pafs.FileSystem | None = None) -> Iterator[
 def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
     """Copy a local directory tree to ``uri`` (local or s3)."""
     fs, path = get_filesystem(uri, filesystem)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )

@@ -26,15 +26,29 @@ from exits.manifest import STAGES  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="demo", help="demo | coco | lvis | voc | path/to/dataset.yaml")
-    p.add_argument("--output", default=None, help="run directory (local path or s3://bucket/prefix)")
-    p.add_argument("--quick", action="store_true", help="minimal demo profile (every stage, tiny numbers)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="run only these stages")
-    p.add_argument("--from-stage", choices=STAGES, default=None, help="run this stage and every later one")
-    p.add_argument("--force", action="store_true", help="redo selected stages even when their manifest exists")
+    p.add_argument(
+        "--dataset", default="demo", help="demo | coco | lvis | voc | path/to/dataset.yaml"
+    )
+    p.add_argument(
+        "--output", default=None, help="run directory (local path or s3://bucket/prefix)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="minimal demo profile (every stage, tiny numbers)"
+    )
+    p.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=None, help="run only these stages"
+    )
+    p.add_argument(
+        "--from-stage", choices=STAGES, default=None, help="run this stage and every later one"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="redo selected stages even when their manifest exists"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. generator.epochs=3 (repeatable)")  # fmt: skip
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint override (else $EXITS_S3_ENDPOINT)")
+    p.add_argument(
+        "--s3-endpoint", default=None, help="S3 endpoint override (else $EXITS_S3_ENDPOINT)"
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs to use")
     return p.parse_args(argv)
 
@@ -60,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     try:
-        results = run_pipeline(cfg, output, stages=args.stages, from_stage=args.from_stage, force=args.force)
+        results = run_pipeline(
+            cfg, output, stages=args.stages, from_stage=args.from_stage, force=args.force
+        )
     finally:
         ray.shutdown()
     print(summary_line(results, output))

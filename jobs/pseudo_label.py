@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor, bf16 autocast")
     p.add_argument("--threshold", type=float, help="mask probability threshold")
     p.add_argument("--crop-size", type=int, help="S (default: the generator's input size)")
-    p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. label.images_per_block=16")
+    p.add_argument(
+        "overrides", nargs="*", help="extra config overrides, e.g. label.images_per_block=16"
+    )
     return p.parse_args(argv)
 
 
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         if started_ray:
             ray.shutdown()
     export_uri = manifest.stage_uri(args.output, STAGE, EXPORT_NAME)
-    exported = export_coco(manifest.stage_uri(args.output, STAGE, "masks"), args.annotations, export_uri)
+    exported = export_coco(
+        manifest.stage_uri(args.output, STAGE, "masks"), args.annotations, export_uri
+    )
     summary = {**summary, "coco_json": export_uri, "exported": exported}
     errors = summary["errors"] + summary["prepare_errors"]
     print(

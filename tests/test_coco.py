@@ -37,19 +37,21 @@ def test_rle_round_trip():
     np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), m)
     # uncompressed RLE and polygons are accepted too
     unc = {"size": [4, 4], "counts": [5, 2, 2, 2, 5]}
-    np.testing.assert_array_equal(mask_utils.decode(segmentation_to_rle(unc, 4, 4))[:, 1], [0, 1, 1, 0])
+    np.testing.assert_array_equal(
+        mask_utils.decode(segmentation_to_rle(unc, 4, 4))[:, 1], [0, 1, 1, 0]
+    )
     poly = segmentation_to_rle([[1, 1, 6, 1, 6, 6, 1, 6]], 8, 8)
     assert mask_utils.area(poly) > 20
 
 
 def test_decode_normalises_modes():
-    g = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    g = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     assert decode_image(_png(g)).shape == (8, 8, 3)
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0] = 200
     out = decode_image(_png(rgba, "RGBA"))
     assert out.shape == (8, 8, 3) and out[0, 0, 0] == 200
-    sixteen = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    sixteen = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     out = decode_image(_png(sixteen))
     assert out.dtype == np.uint8 and out.shape == (8, 8, 3)
     assert out[-1, -1, 0] == round(63000 / 65535 * 255)
@@ -74,7 +76,17 @@ def bad_dataset(tmp_path):
     (img_dir / "small.png").write_bytes(_png(rgb[:20]))
     images = [
         {"id": i + 1, "file_name": n, "height": h, "width": w}
-        for i, n in enumerate(["good.png", "gray.png", "rgba.png", "deep.png", "corrupt.jpg", "missing.png", "small.png"])
+        for i, n in enumerate(
+            [
+                "good.png",
+                "gray.png",
+                "rgba.png",
+                "deep.png",
+                "corrupt.jpg",
+                "missing.png",
+                "small.png",
+            ]
+        )
     ]
     m = np.zeros((h, w), bool)
     m[10:30, 5:25] = True
@@ -82,7 +94,15 @@ def bad_dataset(tmp_path):
     poly = [[5, 10, 24, 10, 24, 29, 5, 29]]
 
     def ann(i, image_id, **kw):
-        a = {"id": i, "image_id": image_id, "category_id": 1, "segmentation": segm, "iscrowd": 0, "bbox": [5, 10, 20, 20], "area": 400}
+        a = {
+            "id": i,
+            "image_id": image_id,
+            "category_id": 1,
+            "segmentation": segm,
+            "iscrowd": 0,
+            "bbox": [5, 10, 20, 20],
+            "area": 400,
+        }
         a.update(kw)
         return a
 
@@ -97,7 +117,9 @@ def bad_dataset(tmp_path):
         ann(8, 1, category_id=99),  # unknown category -> error
         ann(1, 1),  # duplicate id -> error
         ann(9, 1, extreme_points=[[10, 10]] * 4, segmentation=[]),  # degenerate points -> error
-        ann(10, 1, extreme_points=[[15, 10], [5, 20], [15, 29], [24, 20]], segmentation=[]),  # points in json
+        ann(
+            10, 1, extreme_points=[[15, 10], [5, 20], [15, 29], [24, 20]], segmentation=[]
+        ),  # points in json
         ann(11, 1, segmentation=[], bbox=[3, 4, 10, 12]),  # boxes-only -> box supervision
         ann(12, 42),  # unknown image -> error
         ann(13, 1, iscrowd=1),  # crowd -> explicit skip row
@@ -130,7 +152,12 @@ def test_counts_law_and_reasons(bad_dataset):
         assert fragment in reasons[ann_id], (ann_id, reasons[ann_id])
     rows = {r["ann_id"]: r for r in inst.to_pylist()}
     assert set(rows) == {1, 2, 3, 4, 10, 11}
-    assert rows[1]["extreme_points"] == [[14, 10], [5, 10], [24, 29], [24, 29]]  # row-major protocol
+    assert rows[1]["extreme_points"] == [
+        [14, 10],
+        [5, 10],
+        [24, 29],
+        [24, 29],
+    ]  # row-major protocol
     assert rows[1]["points_source"] == "mask"
     assert rows[2]["points_source"] == "polygon" and rows[10]["points_source"] == "json"
     assert rows[10]["extreme_points"] == [[15, 10], [5, 20], [15, 29], [24, 20]]

@@ -34,9 +34,13 @@ def test_random_enlarge_mean_and_max():
 def test_point_maps_are_inverse():
     crop_box = np.array([-7.5, 3.25, 40.0, 90.0])
     p = np.array([[0, 0], [12, 44], [39, 89]], dtype=float)
-    np.testing.assert_allclose(crop_to_image(image_to_crop(p, crop_box, 64), crop_box, 64), p, atol=1e-9)
+    np.testing.assert_allclose(
+        crop_to_image(image_to_crop(p, crop_box, 64), crop_box, 64), p, atol=1e-9
+    )
     # the box's edges map to the crop's edges: edge x0 -> u = -0.5 (pixel-index convention)
-    np.testing.assert_allclose(image_to_crop(np.array([[-8.0, 2.75]]), crop_box, 64), [[-0.5, -0.5]])
+    np.testing.assert_allclose(
+        image_to_crop(np.array([[-8.0, 2.75]]), crop_box, 64), [[-0.5, -0.5]]
+    )
 
 
 def test_crop_identity_and_padding():
@@ -61,12 +65,18 @@ def test_crop_paste_round_trip_within_one_pixel():
     size = 128
     crop, _ = crop_and_resize(mask[..., None].repeat(3, 2) * 255, crop_box, size)
     for k in (1, 2):  # paste at S and at S/2 resolution
-        small = cv2.resize(crop[..., 0].astype(np.float32) / 255, (size // k, size // k), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            crop[..., 0].astype(np.float32) / 255,
+            (size // k, size // k),
+            interpolation=cv2.INTER_AREA,
+        )
         back = paste_mask(small, crop_box, (h, w), box=box) >= 0.5
         diff = back ^ mask.astype(bool)
         kernel = np.ones((3, 3), np.uint8)
         boundary = cv2.dilate(mask, kernel) ^ cv2.erode(mask, kernel)
-        assert np.all(boundary[diff] == 1), "pasted mask differs from GT away from the 1-px boundary"
+        assert np.all(boundary[diff] == 1), (
+            "pasted mask differs from GT away from the 1-px boundary"
+        )
         assert diff.sum() < 0.1 * mask.sum()
 
 

@@ -42,9 +42,13 @@ def test_s3(s3_bucket):
 
 
 def test_s3_dataset_load_and_parquet(s3_bucket, demo_dataset):
-    storage.upload_dir(os.path.dirname(demo_dataset["annotations"]), s3_bucket + "/demo/annotations")
+    storage.upload_dir(
+        os.path.dirname(demo_dataset["annotations"]), s3_bucket + "/demo/annotations"
+    )
     storage.upload_dir(demo_dataset["images"], s3_bucket + "/demo/images")
-    inst, err = load_instances(s3_bucket + "/demo/annotations/instances_train.json", s3_bucket + "/demo/images")
+    inst, err = load_instances(
+        s3_bucket + "/demo/annotations/instances_train.json", s3_bucket + "/demo/images"
+    )
     local, _ = load_instances(demo_dataset["annotations"], demo_dataset["images"])
     assert err.num_rows == 0 and inst.equals(local)
     write_table(inst, s3_bucket + "/run/prepare/instances.parquet")
@@ -53,7 +57,9 @@ def test_s3_dataset_load_and_parquet(s3_bucket, demo_dataset):
 
 def test_s3_missing_image_is_an_error_row(s3_bucket, demo_dataset):
     storage.upload_dir(os.path.dirname(demo_dataset["annotations"]), s3_bucket + "/d/annotations")
-    inst, err = load_instances(s3_bucket + "/d/annotations/instances_train.json", s3_bucket + "/d/images")
+    inst, err = load_instances(
+        s3_bucket + "/d/annotations/instances_train.json", s3_bucket + "/d/images"
+    )
     assert inst.num_rows == 0 and err.num_rows == demo_dataset["num_instances"]["train"]
     assert all("missing image file" in r for r in err["reason"].to_pylist())
 

@@ -60,7 +60,9 @@ def test_retrieval_switch_and_geometry(table, demo_dataset):
     assert geo.fg.sum(1).min() >= 1 and geo.fg.sum(1).max() <= 4
     assert not (geo.fg & geo.bg).any() and not (geo.bg & geo.in_box).any()
     images = b["image"].float() / 255
-    sim = similarity_matrix("bilateral", b["image"], images, grid, None, RetrievalConfig(similarity="bilateral"))
+    sim = similarity_matrix(
+        "bilateral", b["image"], images, grid, None, RetrievalConfig(similarity="bilateral")
+    )
     on = retrieve(sim, geo, RetrievalConfig(similarity="bilateral"))
     off = retrieve(sim, geo, RetrievalConfig(similarity="bilateral", enabled=False))
     pseudo = geo.in_box & ~geo.fg
@@ -81,7 +83,15 @@ def ray_cluster():
 
 
 def _cfgs(**train):
-    t = dict(epochs=50, batch_size=4, lr=1e-4, scale_lr=False, num_workers=2, checkpoint_every=2, max_failures=0)
+    t = dict(
+        epochs=50,
+        batch_size=4,
+        lr=1e-4,
+        scale_lr=False,
+        num_workers=2,
+        checkpoint_every=2,
+        max_failures=0,
+    )
     t.update(train)
     return (CropConfig(size=S), ModelConfig(generator="vit_tiny_demo", attention_block=1),
             RetrievalConfig(similarity="attention", threshold_rule="relative"),
@@ -105,7 +115,17 @@ def test_fit_resume_warmup_then_generator(ray_cluster, table, demo_dataset, tmp_
 
     write_table(table, str(tmp_path / "instances.parquet"))
     crop, model, retr, loss, tcfg = _cfgs(max_steps=4)
-    cfg = loop_config("warmup", str(tmp_path / "instances.parquet"), demo_dataset["images"], crop, model, retr, loss, tcfg, loader_workers=0)
+    cfg = loop_config(
+        "warmup",
+        str(tmp_path / "instances.parquet"),
+        demo_dataset["images"],
+        crop,
+        model,
+        retr,
+        loss,
+        tcfg,
+        loader_workers=0,
+    )
     r1 = fit(cfg, tcfg, str(tmp_path / "warmup" / "ray"))
     s1 = _state(r1)
     assert s1["step"] == 4 and _adam_steps(s1) == {4}
@@ -117,7 +137,9 @@ def test_fit_resume_warmup_then_generator(ray_cluster, table, demo_dataset, tmp_
     assert s2["step"] == 6 and _adam_steps(s2) == {6}
     assert [h["step"] for h in s2["history"]] == [1, 2, 3, 4, 5, 6]
     publish_artifacts(r2, str(tmp_path / "warmup"))
-    assert os.path.exists(tmp_path / "warmup" / "metrics.csv") and os.path.exists(tmp_path / "warmup" / "loss.png")
+    assert os.path.exists(tmp_path / "warmup" / "metrics.csv") and os.path.exists(
+        tmp_path / "warmup" / "loss.png"
+    )
 
     # 1b with the frozen 1a extractor's attention
     crop, model, retr, loss, tcfg = _cfgs(max_steps=3)
@@ -129,7 +151,11 @@ def test_fit_resume_warmup_then_generator(ray_cluster, table, demo_dataset, tmp_
     h = s3["history"][-1]
     assert {"loss_point", "loss_crf", "retrieved_fg", "retrieved_bg", "samples_per_s"} <= set(h)
     # the teacher moved away from its initial copy (EMA updates happened) but is not the student
-    assert any(not torch.equal(s3["teacher"][k], s3["model"][k]) for k in s3["model"] if s3["model"][k].is_floating_point())
+    assert any(
+        not torch.equal(s3["teacher"][k], s3["model"][k])
+        for k in s3["model"]
+        if s3["model"][k].is_floating_point()
+    )
 
 
 @pytest.mark.slow

@@ -84,7 +84,12 @@ def error_row(ann_id: Any, image_id: Any, stage: str, reason: str) -> dict:
         except (TypeError, ValueError):
             return None
 
-    return {"ann_id": as_int(ann_id), "image_id": as_int(image_id), "stage": stage, "reason": reason}
+    return {
+        "ann_id": as_int(ann_id),
+        "image_id": as_int(image_id),
+        "stage": stage,
+        "reason": reason,
+    }
 
 
 def image_file_name(img: dict) -> str:
@@ -122,7 +127,12 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> dict | None:
 
 def rle_to_json(rle: dict) -> str:
     counts = rle["counts"]
-    return json.dumps({"size": list(rle["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts})
+    return json.dumps(
+        {
+            "size": list(rle["size"]),
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+        }
+    )
 
 
 def num_components(mask: np.ndarray) -> int:
@@ -177,7 +187,11 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
             raise ValueError(f"degenerate box {bbox}")
         if bbox[0] < 0 or bbox[1] < 0 or bbox[0] + bbox[2] > w + 0.5 or bbox[1] + bbox[3] > h + 0.5:
             raise ValueError(f"box {bbox} outside the image {w}x{h}")
-    area = float(mask_utils.area(rle)) if rle is not None else float(ann.get("area", bbox[2] * bbox[3]))
+    area = (
+        float(mask_utils.area(rle))
+        if rle is not None
+        else float(ann.get("area", bbox[2] * bbox[3]))
+    )
     return {
         "image_id": int(ann["image_id"]),
         "ann_id": int(ann["id"]),
@@ -189,7 +203,9 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
         "extreme_points": points.tolist() if points is not None else None,
         "iscrowd": bool(ann.get("iscrowd", 0)),
         "area": area,
-        "separated": (num_components(mask) >= SEPARATED_MIN_COMPONENTS) if mask is not None else None,
+        "separated": (num_components(mask) >= SEPARATED_MIN_COMPONENTS)
+        if mask is not None
+        else None,
         "supervision": "extreme_points" if points is not None else "box",
         "points_source": source,
         "gt_segmentation": rle_to_json(rle) if rle is not None else None,
@@ -206,7 +222,9 @@ def build_instances(
     checks: dict[int, ImageCheck] = {}
     if check_files and images is not None:
         used = sorted({a.get("image_id") for a in anns if a.get("image_id") in imgs})
-        results = check_images([storage.join(images, image_file_name(imgs[i])) for i in used], num_threads)
+        results = check_images(
+            [storage.join(images, image_file_name(imgs[i])) for i in used], num_threads
+        )
         checks = dict(zip(used, results))
     rows, errors, seen = [], [], set()
     for ann in anns:
@@ -222,17 +240,28 @@ def build_instances(
             errors.append(error_row(ann_id, image_id, "prepare", f"unknown image id {image_id}"))
             continue
         if ann.get("category_id") not in cats:
-            errors.append(error_row(ann_id, image_id, "prepare", f"unknown category id {ann.get('category_id')}"))
+            errors.append(
+                error_row(
+                    ann_id, image_id, "prepare", f"unknown category id {ann.get('category_id')}"
+                )
+            )
             continue
         if ann.get("iscrowd", 0):
-            errors.append(error_row(ann_id, image_id, "prepare", "skipped: crowd annotation (not an instance)"))
+            errors.append(
+                error_row(
+                    ann_id, image_id, "prepare", "skipped: crowd annotation (not an instance)"
+                )
+            )
             continue
         img = imgs[image_id]
         check = checks.get(image_id)
         if check is not None and check.error:
             errors.append(error_row(ann_id, image_id, "prepare", check.error))
             continue
-        if check is not None and (check.height, check.width) != (int(img["height"]), int(img["width"])):
+        if check is not None and (check.height, check.width) != (
+            int(img["height"]),
+            int(img["width"]),
+        ):
             errors.append(
                 error_row(ann_id, image_id, "prepare",
                           f"image size {check.width}x{check.height} differs from annotation {img['width']}x{img['height']}")
@@ -296,4 +325,8 @@ if __name__ == "__main__":  # pragma: no cover - tiny CLI for inspection
     inst, err = load_instances(a.annotations, a.images)
     write_table(inst, storage.join(a.out, "instances.parquet"))
     write_table(err, storage.join(a.out, "errors.parquet"))
-    print(json.dumps({"instances": inst.num_rows, "errors": err.num_rows, "out": os.path.abspath(a.out)}))
+    print(
+        json.dumps(
+            {"instances": inst.num_rows, "errors": err.num_rows, "out": os.path.abspath(a.out)}
+        )
+    )

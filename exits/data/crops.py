@@ -63,7 +63,12 @@ def random_enlarge_box(
     hi = min(mean_factor - 1.0, (max_factor - 1.0) / 2)
     m = rng.uniform(0.0, hi, size=b.shape[:-1] + (4,))
     return np.stack(
-        [b[..., 0] - m[..., 0] * w, b[..., 1] - m[..., 1] * h, b[..., 2] + m[..., 2] * w, b[..., 3] + m[..., 3] * h],
+        [
+            b[..., 0] - m[..., 0] * w,
+            b[..., 1] - m[..., 1] * h,
+            b[..., 2] + m[..., 2] * w,
+            b[..., 3] + m[..., 3] * h,
+        ],
         axis=-1,
     )
 
@@ -114,7 +119,12 @@ def crop_and_resize(
     """
     a = _affine_image_to_crop(np.asarray(crop_box), size)
     crop = cv2.warpAffine(
-        image, a, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        image,
+        a,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
     )
     return crop, _valid_mask(np.asarray(crop_box), size, image.shape[0], image.shape[1])
 
@@ -130,7 +140,9 @@ def crop_and_resize_batch(images: torch.Tensor, boxes: torch.Tensor, size: int) 
     Returns:
         (K, C, S, S) float crops; outside the image reads as zero.
     """
-    return roi_align(images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return roi_align(
+        images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True
+    )
 
 
 def box_mask_in_crop(box: np.ndarray, crop_box: np.ndarray, size: int) -> np.ndarray:
@@ -172,7 +184,9 @@ def paste_mask(
     cx0, cy0, cx1, cy1 = (float(v) for v in crop_box)
     sx, sy = mw / (cx1 - cx0), mh / (cy1 - cy0)
     # mask coord of output pixel (i, j) in the region: u = (ix0 + i + 0.5 - cx0) * sx - 0.5
-    inv = np.array([[sx, 0.0, (ix0 + 0.5 - cx0) * sx - 0.5], [0.0, sy, (iy0 + 0.5 - cy0) * sy - 0.5]])
+    inv = np.array(
+        [[sx, 0.0, (ix0 + 0.5 - cx0) * sx - 0.5], [0.0, sy, (iy0 + 0.5 - cy0) * sy - 0.5]]
+    )
     region = cv2.warpAffine(
         mask.astype(np.float32),
         inv,

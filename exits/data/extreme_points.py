@@ -114,9 +114,7 @@ def box_from_extreme_points(points: np.ndarray) -> np.ndarray:
     x0 = left.x, y0 = top.y, x1 = right.x + 1, y1 = bottom.y + 1 (DESIGN.md conventions).
     """
     p = np.asarray(points, dtype=np.float64)
-    return np.stack(
-        [p[..., 1, 0], p[..., 0, 1], p[..., 3, 0] + 1.0, p[..., 2, 1] + 1.0], axis=-1
-    )
+    return np.stack([p[..., 1, 0], p[..., 0, 1], p[..., 3, 0] + 1.0, p[..., 2, 1] + 1.0], axis=-1)
 
 
 def validate_extreme_points(points: np.ndarray, height: int, width: int) -> str | None:

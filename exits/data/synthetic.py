@@ -81,7 +81,9 @@ def _shading(rng: np.random.Generator, size: int) -> np.ndarray:
     return (1.0 + gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
 
 
-def _shape_mask(rng: np.random.Generator, size: int, cls: int, cx: float, cy: float, s: float) -> np.ndarray:
+def _shape_mask(
+    rng: np.random.Generator, size: int, cls: int, cx: float, cy: float, s: float
+) -> np.ndarray:
     """(size, size) bool mask of one shape of class ``cls`` centred at (cx, cy), extent ~s."""
     m = np.zeros((size, size), np.uint8)
     ang = rng.uniform(0, 360)
@@ -93,7 +95,13 @@ def _shape_mask(rng: np.random.Generator, size: int, cls: int, cx: float, cy: fl
         cv2.fillPoly(m, [cv2.boxPoints(rect).astype(np.int32)], 1)
     elif cls == 3:  # triangle
         a0 = np.deg2rad(ang)
-        pts = [(cx + s / 2 * np.cos(a0 + k * 2 * np.pi / 3), cy + s / 2 * np.sin(a0 + k * 2 * np.pi / 3)) for k in range(3)]
+        pts = [
+            (
+                cx + s / 2 * np.cos(a0 + k * 2 * np.pi / 3),
+                cy + s / 2 * np.sin(a0 + k * 2 * np.pi / 3),
+            )
+            for k in range(3)
+        ]
         cv2.fillPoly(m, [np.array(pts, np.int32)], 1)
     else:  # cross (plus sign), rotated
         arm = s * rng.uniform(0.25, 0.35)
@@ -103,7 +111,9 @@ def _shape_mask(rng: np.random.Generator, size: int, cls: int, cx: float, cy: fl
     return m.astype(bool)
 
 
-def _occluder_bar(rng: np.random.Generator, size: int, cx: float, cy: float, s: float) -> np.ndarray:
+def _occluder_bar(
+    rng: np.random.Generator, size: int, cx: float, cy: float, s: float
+) -> np.ndarray:
     """(size, size) bool thin bar through (cx, cy), long enough to cut an object of extent s."""
     m = np.zeros((size, size), np.uint8)
     rect = ((cx, cy), (s * 2.2, max(3.0, s * rng.uniform(0.12, 0.22))), rng.uniform(0, 180))

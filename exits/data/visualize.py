@@ -48,7 +48,9 @@ def draw_instances(
     return out
 
 
-def overlay_dataset(annotations: str, images_dir: str, out_png: str, n: int = 8, scale: int = 2) -> str:
+def overlay_dataset(
+    annotations: str, images_dir: str, out_png: str, n: int = 8, scale: int = 2
+) -> str:
     """Write a grid of the first ``n`` images of a COCO json with their masks overlaid."""
     from exits.data.extreme_points import extreme_points_from_mask
 
@@ -60,14 +62,23 @@ def overlay_dataset(annotations: str, images_dir: str, out_png: str, n: int = 8,
     tiles = []
     for img in data["images"][:n]:
         image = cv2.imread(os.path.join(images_dir, img["file_name"]), cv2.IMREAD_COLOR)[..., ::-1]
-        masks = [_decode(a["segmentation"], img["height"], img["width"]) for a in by_image.get(img["id"], [])]
+        masks = [
+            _decode(a["segmentation"], img["height"], img["width"])
+            for a in by_image.get(img["id"], [])
+        ]
         pts = [extreme_points_from_mask(m) for m in masks if m.any()]
         tile = draw_instances(image, masks, pts)
         tiles.append(cv2.resize(tile, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
     h = max(t.shape[0] for t in tiles)
     tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 2), (0, 0))) for t in tiles]
     cols = 4
-    rows = [np.concatenate(tiles[i : i + cols] + [np.zeros_like(tiles[0])] * (cols - len(tiles[i : i + cols])), axis=1) for i in range(0, len(tiles), cols)]
+    rows = [
+        np.concatenate(
+            tiles[i : i + cols] + [np.zeros_like(tiles[0])] * (cols - len(tiles[i : i + cols])),
+            axis=1,
+        )
+        for i in range(0, len(tiles), cols)
+    ]
     grid = np.concatenate(rows, axis=0)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     cv2.imwrite(out_png, grid[..., ::-1])

@@ -66,7 +66,9 @@ class CropDataset(Dataset):
         has_points bool; gt (S, S) bool crop of the GT mask (zeros when absent); index int.
     """
 
-    def __init__(self, table: pa.Table, images: str, spec: CropSpec, seed: int = 0, cache_images: int = 256):
+    def __init__(
+        self, table: pa.Table, images: str, spec: CropSpec, seed: int = 0, cache_images: int = 256
+    ):
         self.rows = table.to_pylist()
         self.images = images
         self.spec = spec
@@ -115,11 +117,21 @@ class CropDataset(Dataset):
         cpts = image_to_crop(pts, crop_box, S)  # (4, 2) pixel-index coords
         sx, sy = S / (crop_box[2] - crop_box[0]), S / (crop_box[3] - crop_box[1])
         cbox = np.array(
-            [(box[0] - crop_box[0]) * sx, (box[1] - crop_box[1]) * sy, (box[2] - crop_box[0]) * sx, (box[3] - crop_box[1]) * sy]
+            [
+                (box[0] - crop_box[0]) * sx,
+                (box[1] - crop_box[1]) * sy,
+                (box[2] - crop_box[0]) * sx,
+                (box[3] - crop_box[1]) * sy,
+            ]
         )
         box_mask = box_mask_in_crop(box, crop_box, S)
         if spec.train and rng.random() < spec.flip_prob:
-            crop, valid, gt, box_mask = crop[:, ::-1], valid[:, ::-1], gt[:, ::-1], box_mask[:, ::-1]
+            crop, valid, gt, box_mask = (
+                crop[:, ::-1],
+                valid[:, ::-1],
+                gt[:, ::-1],
+                box_mask[:, ::-1],
+            )
             cpts = cpts.copy()
             cpts[:, 0] = S - 1 - cpts[:, 0]
             cpts[[LEFT, RIGHT]] = cpts[[RIGHT, LEFT]]  # left and right extreme points swap roles

@@ -35,7 +35,9 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def retrieval_stats(batches, grid: int, rcfg: RetrievalConfig, extractor: nn.Module | None = None) -> dict:
+def retrieval_stats(
+    batches, grid: int, rcfg: RetrievalConfig, extractor: nn.Module | None = None
+) -> dict:
     """Aggregate retrieval precision/recall/AUC over an iterable of ``CropDataset`` batches."""
     tp_f = n_f = tp_b = n_b = gt_f = gt_b = 0
     scores, truth = [], []
@@ -44,7 +46,9 @@ def retrieval_stats(batches, grid: int, rcfg: RetrievalConfig, extractor: nn.Mod
         n_crops += batch["image"].shape[0]
         images = batch["image"].float() / 255.0
         geo = grid_geometry(batch, grid, rcfg.delta)
-        sim = similarity_matrix(rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg)
+        sim = similarity_matrix(
+            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
+        )
         labels = retrieve(sim, geo, rcfg)
         T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
         pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)

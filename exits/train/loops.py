@@ -27,7 +27,12 @@ from exits.checkpoints import checkpoint_bytes
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
 from exits.crf import build_crf
 from exits.data.coco import read_table
-from exits.model.generator import build_generator, build_similarity_extractor, ema_update, make_teacher
+from exits.model.generator import (
+    build_generator,
+    build_similarity_extractor,
+    ema_update,
+    make_teacher,
+)
 from exits.train.data import CropDataset, CropSpec
 from exits.train.steps import generator_loss, to_device, warmup_loss
 
@@ -50,8 +55,18 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _loader(dataset: CropDataset, tcfg: TrainConfig, rank: int, world: int, epoch: int, skip_batches: int, loader_workers: int) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed, drop_last=True)
+def _loader(
+    dataset: CropDataset,
+    tcfg: TrainConfig,
+    rank: int,
+    world: int,
+    epoch: int,
+    skip_batches: int,
+    loader_workers: int,
+) -> DataLoader:
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed, drop_last=True
+    )
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     indices = list(sampler)[skip_batches * tcfg.batch_size :]
@@ -94,7 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     kwargs = _model_kwargs(mcfg, crop)
     if stage == "warmup":
-        model = build_similarity_extractor(mcfg.generator, attention_block=mcfg.attention_block, freeze=False, **kwargs)
+        model = build_similarity_extractor(
+            mcfg.generator, attention_block=mcfg.attention_block, freeze=False, **kwargs
+        )
         model.train()
         teacher, extractor = None, None
     else:
@@ -109,7 +126,12 @@ def train_loop_per_worker(config: dict) -> None:
     model.to(device)
 
     table: pa.Table = read_table(config["instances"])
-    spec = CropSpec(size=crop.size, train=True, mean_enlarge=crop.train_mean_enlarge, max_enlarge=crop.train_max_enlarge)
+    spec = CropSpec(
+        size=crop.size,
+        train=True,
+        mean_enlarge=crop.train_mean_enlarge,
+        max_enlarge=crop.train_max_enlarge,
+    )
     dataset = CropDataset(table, config["images"], spec, seed=tcfg.seed)
     steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * world))
     total = tcfg.epochs * steps_per_epoch
@@ -118,9 +140,11 @@ def train_loop_per_worker(config: dict) -> None:
     lr = tcfg.lr * (world * tcfg.batch_size if tcfg.scale_lr else 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, tcfg.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, tcfg.warmup_steps, total)
+    )
 
-    step, history = 0, []
+    step, history, resumed_from = 0, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -131,6 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
         step, history = int(state["step"]), list(state["history"])
+        resumed_from = list(state.get("resumed_from", [])) + [step]
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     crf_fn = build_crf(lcfg.crf, n_iters=lcfg.crf_iters) if stage == "generator" else None
     amp = tcfg.amp and device.type == "cuda"
@@ -143,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             tmp = tempfile.mkdtemp(prefix=f"exits-{stage}-")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "step": step, "history": history}  # fmt: skip
+                     "step": step, "history": history, "resumed_from": resumed_from}  # fmt: skip
             if teacher is not None:
                 state["teacher"] = teacher.state_dict()
             torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -153,11 +178,15 @@ def train_loop_per_worker(config: dict) -> None:
             if kind == "extractor":
                 bkw["attention_block"] = model.attention_block
             with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-                f.write(checkpoint_bytes(export, mcfg.generator, kind, bkw, {"step": step, "final": final}))
+                f.write(
+                    checkpoint_bytes(
+                        export, mcfg.generator, kind, bkw, {"step": step, "final": final}
+                    )
+                )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
 
-    t_last, n_last = time.time(), 0
+    t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
     while step < total:
         loader = _loader(dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers)
@@ -170,7 +199,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if stage == "warmup":
                     loss, logs = warmup_loss(ddp_model, batch, lcfg)
                 else:
-                    loss, logs = generator_loss(ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen)
+                    loss, logs = generator_loss(
+                        ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -178,16 +209,22 @@ def train_loop_per_worker(config: dict) -> None:
             if teacher is not None:
                 ema_update(teacher, model, tcfg.ema_momentum)
             step += 1
+            last_loss = logs["loss"]
             n_last += batch["image"].shape[0] * world
             if rank == 0:
                 now = time.time()
-                logs.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], samples_per_s=n_last / max(now - t_last, 1e-9))
+                logs.update(
+                    step=step,
+                    epoch=epoch,
+                    lr=scheduler.get_last_lr()[0],
+                    samples_per_s=n_last / max(now - t_last, 1e-9),
+                )
                 history.append(logs)
                 t_last, n_last = now, 0
             if step % tcfg.checkpoint_every == 0 and step < total:
                 save_and_report({"loss": logs["loss"]})
         epoch += 1
-    save_and_report({"loss": history[-1]["loss"] if history else float("nan")}, final=True)
+    save_and_report({"loss": last_loss}, final=True)
 
 
 def loop_config(stage: str, instances: str, images: str, crop: CropConfig, model: ModelConfig, retrieval: RetrievalConfig,

@@ -22,7 +22,15 @@ def encode(mask: np.ndarray) -> dict:
 def gt_json_from_table(table: pa.Table) -> dict:
     """A minimal COCO GT dict from instance-table rows that carry GT masks."""
     rows = [r for r in table.to_pylist() if r.get("gt_segmentation")]
-    images = {r["image_id"]: {"id": r["image_id"], "height": r["height"], "width": r["width"], "file_name": r["file_name"]} for r in rows}
+    images = {
+        r["image_id"]: {
+            "id": r["image_id"],
+            "height": r["height"],
+            "width": r["width"],
+            "file_name": r["file_name"],
+        }
+        for r in rows
+    }
     anns = [
         {"id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"], "iscrowd": 0,
          "segmentation": json.loads(r["gt_segmentation"]), "area": r["area"], "bbox": r["bbox"]}
@@ -56,4 +64,6 @@ def evaluate_generator(
     """mIoU (all / separated / by size) of ``model``'s pasted-back masks vs the table's GT."""
     rows = [r for r in table.to_pylist() if r.get("gt_segmentation")]
     rows.sort(key=lambda r: r["file_name"])
-    return evaluate_masks(table, masks_for_rows(model, rows, images, size, enlarge, batch_size, device), threshold)
+    return evaluate_masks(
+        table, masks_for_rows(model, rows, images, size, enlarge, batch_size, device), threshold
+    )

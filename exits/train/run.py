@@ -65,7 +65,11 @@ def publish_artifacts(result, stage_uri: str) -> dict:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     history = list(state["history"])
     write_metrics(history, stage_uri)
-    return {"steps": int(state["step"]), "history": history}
+    return {
+        "steps": int(state["step"]),
+        "history": history,
+        "resumed_from": list(state.get("resumed_from", [])),
+    }
 
 
 def write_metrics(history: list[dict], stage_uri: str) -> None:

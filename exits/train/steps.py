@@ -6,6 +6,7 @@ patches (n = N^2).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,6 @@ from exits.losses import (
     projection_mil_loss,
     total_loss,
 )
-
 
 PAIRWISE_COLOR_TAU = 0.3  # BoxInst: neighbours with colour similarity >= tau are "same label"
 PAIRWISE_THETA = 2.0  # BoxInst: similarity exp(-||dLab|| / theta)
@@ -48,9 +48,7 @@ def pairwise_color_loss(logits: Tensor, images: Tensor, box_mask: Tensor) -> Ten
     d = PAIRWISE_DILATION
     total, count = logits.new_zeros(()), logits.new_zeros(())
     for dy, dx in ((0, d), (d, 0), (d, d), (d, -d)):
-        def shift(t: Tensor) -> Tensor:
-            return torch.roll(t, shifts=(dy, dx), dims=(2, 3))
-
+        shift = functools.partial(torch.roll, shifts=(dy, dx), dims=(2, 3))
         sim = torch.exp(-(lab - shift(lab)).norm(dim=1, keepdim=True) / PAIRWISE_THETA)
         valid = (sim >= PAIRWISE_COLOR_TAU).float() * box_mask * shift(box_mask)
         same = torch.logaddexp(log_fg + shift(log_fg), log_bg + shift(log_bg))  # log P(same)
@@ -92,7 +90,12 @@ def grid_geometry(batch: dict, grid: int, delta: float) -> GridGeometry:
 
 
 def similarity_matrix(
-    source: str, images_u8: Tensor, normalised: Tensor, grid: int, extractor: nn.Module | None, rcfg: RetrievalConfig
+    source: str,
+    images_u8: Tensor,
+    normalised: Tensor,
+    grid: int,
+    extractor: nn.Module | None,
+    rcfg: RetrievalConfig,
 ) -> Tensor:
     """S (B, n, n) from the configured source (extractor attention, bilateral, ...)."""
     return retrieval.compute_similarity(
@@ -114,12 +117,16 @@ def retrieve(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
     """
     if not rcfg.enabled:
         inf = float("inf")
-        return retrieval.label_points(torch.zeros(geo.fg.shape, device=sim.device), geo.fg, geo.bg, geo.in_box, inf, -inf)
+        return retrieval.label_points(
+            torch.zeros(geo.fg.shape, device=sim.device), geo.fg, geo.bg, geo.in_box, inf, -inf
+        )
     T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
     pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)
     diff = pi_f - pi_b
     if rcfg.threshold_rule == "relative":
-        tau_fg, tau_bg = retrieval.relative_thresholds(diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile)
+        tau_fg, tau_bg = retrieval.relative_thresholds(
+            diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile
+        )
     elif rcfg.threshold_rule == "absolute":
         tau_fg, tau_bg = retrieval.scale_thresholds(rcfg.tau_fg, rcfg.tau_bg, geo.grid * geo.grid)
     else:
@@ -172,9 +179,13 @@ def generator_loss(
         return loss, logs
     if lcfg.objective != "exits":
         raise ValueError(f"unknown objective {lcfg.objective!r}")
-    grid = extractor.grid if extractor is not None else student.grid
+    grid = (
+        extractor.grid if extractor is not None else getattr(student, "module", student).grid
+    )  # DDP-wrapped
     geo = grid_geometry(batch, grid, rcfg.delta)
-    sim = similarity_matrix(rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg)
+    sim = similarity_matrix(
+        rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
+    )
     labels = retrieve(sim, geo, rcfg)
     n_retrieved = retrieval.retrieved_count(labels, geo.fg, geo.bg)  # (B,) before dropout
     dropped = retrieval.point_dropout(labels, rcfg.dropout, generator=None, keep=geo.fg | geo.bg)

@@ -1,0 +1,265 @@
+"""Pseudo-label generator (ViT encoder + MAL mask decoder), similarity extractor, EMA teacher,
+and the builder registry.
+
+Builders follow segment-anything's ``build_sam.py``: one function per model size with every
+setting written out, a plain dict from names to builders, no downloads. Two kinds of
+weights:
+
+- ``encoder_checkpoint``: pretrained ViT weights (timm or MAE layout) to initialise the
+  encoder (paper: MAE ViT-B/16), local path or URI;
+- ``checkpoint``: a whole trained model (our own ``state_dict``, optionally wrapped in
+  ``model``/``state_dict``), e.g. the EMA teacher for pseudo-labelling or a warmed-up
+  similarity extractor. The generator and the extractor share one layout, so either
+  checkpoint loads into either.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from exits.model.decoder import MaskDecoder
+from exits.model.encoder import (
+    ViTEncoder,
+    block_attention,
+    build_vit,
+    load_encoder_checkpoint,
+    parse_checkpoint,
+    read_bytes,
+)
+
+OUTPUT_STRIDE = 4  # logits are S/4 × S/4
+EMA_MOMENTUM = 0.996  # MAL, per step
+
+Reader = Callable[[str], bytes]
+
+
+class PseudoLabelGenerator(nn.Module):
+    """ViT encoder + mask decoder: crop → mask logits.
+
+    Args:
+        encoder: patch-token encoder (``ViTEncoder``).
+        decoder: ``MaskDecoder`` with ``in_dim == encoder.embed_dim``.
+        output_stride: output side = S / output_stride.
+    """
+
+    def __init__(
+        self, *, encoder: ViTEncoder, decoder: MaskDecoder, output_stride: int = OUTPUT_STRIDE
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.output_stride = output_stride
+
+    @property
+    def img_size(self) -> int:
+        return self.encoder.img_size
+
+    @property
+    def grid(self) -> int:
+        return self.encoder.grid
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) normalised float → mask logits (B, 1, S/4, S/4)."""
+        tokens = self.encoder(images)  # (B, N², D)
+        out_size = images.shape[-1] // self.output_stride
+        return self.decoder(tokens, self.encoder.grid, out_size)
+
+
+class SimilarityExtractor(PseudoLabelGenerator):
+    """The paper's similarity extractor (Sec. 3.2.1): same network as the generator, warmed
+    up with the MIL loss (train it through ``forward``), then frozen; its similarity is the
+    head-averaged attention of block ``attention_block`` (0-based) over patch tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: ViTEncoder,
+        decoder: MaskDecoder,
+        attention_block: int,
+        output_stride: int = OUTPUT_STRIDE,
+    ) -> None:
+        super().__init__(encoder=encoder, decoder=decoder, output_stride=output_stride)
+        if not 0 <= attention_block < encoder.depth:
+            raise ValueError(f"attention_block {attention_block} not in [0, {encoder.depth})")
+        self.attention_block = attention_block
+
+    @torch.no_grad()
+    def similarity(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) normalised → S (B, N², N²), no gradient."""
+        return block_attention(self.encoder, images, self.attention_block)
+
+    def freeze(self) -> SimilarityExtractor:
+        """Stop gradients and switch to eval mode; returns self."""
+        self.requires_grad_(False)
+        return self.eval()
+
+
+# --------------------------------------------------------------------------------------
+# EMA teacher
+# --------------------------------------------------------------------------------------
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``student`` in eval mode, to be updated by ``ema_update``."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float = EMA_MOMENTUM) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s for parameters; buffers are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), 1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+
+
+# --------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------
+def load_model_state(model: nn.Module, data: bytes, allow_pickle: bool = False) -> None:
+    """Load a whole-model checkpoint (our layout, wrappers allowed), strictly."""
+    model.load_state_dict(parse_checkpoint(data, allow_pickle), strict=True)
+
+
+def _finish(
+    model: PseudoLabelGenerator,
+    checkpoint: str | None,
+    encoder_checkpoint: str | None,
+    read: Reader,
+) -> PseudoLabelGenerator:
+    if encoder_checkpoint is not None:
+        load_encoder_checkpoint(model.encoder, encoder_checkpoint, read)
+    if checkpoint is not None:
+        load_model_state(model, read(checkpoint))
+    return model
+
+
+def _assemble(
+    encoder: ViTEncoder, hidden_dim: int, attention_block: int | None
+) -> PseudoLabelGenerator:
+    decoder = MaskDecoder(in_dim=encoder.embed_dim, hidden_dim=hidden_dim)
+    if attention_block is None:
+        return PseudoLabelGenerator(encoder=encoder, decoder=decoder)
+    return SimilarityExtractor(encoder=encoder, decoder=decoder, attention_block=attention_block)
+
+
+def build_vit_tiny_demo(
+    checkpoint: str | None = None,
+    *,
+    encoder_checkpoint: str | None = None,
+    img_size: int = 96,
+    attention_block: int | None = None,
+    read: Reader = read_bytes,
+) -> PseudoLabelGenerator:
+    """CPU demo: 96² crops, patch 8 (12×12 grid), dim 96, depth 4, 3 heads, decoder 64.
+
+    Similarity block 1 (the 2nd of 4; the prototype found block 2-of-4 informative).
+    """
+    encoder = build_vit(
+        "vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        embed_dim=96,
+        depth=4,
+        num_heads=3,
+        drop_path_rate=0.0,
+    )
+    model = _assemble(encoder, hidden_dim=64, attention_block=attention_block)
+    return _finish(model, checkpoint, encoder_checkpoint, read)
+
+
+def build_vit_small(
+    checkpoint: str | None = None,
+    *,
+    encoder_checkpoint: str | None = None,
+    img_size: int = 512,
+    attention_block: int | None = None,
+    read: Reader = read_bytes,
+) -> PseudoLabelGenerator:
+    """ViT-S/16 at 512² (32×32 grid), dim 384, depth 12, 6 heads, decoder 256."""
+    encoder = build_vit(
+        "vit_small_patch16_224",
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        drop_path_rate=0.0,
+    )
+    model = _assemble(encoder, hidden_dim=256, attention_block=attention_block)
+    return _finish(model, checkpoint, encoder_checkpoint, read)
+
+
+def build_vit_base_mae(
+    checkpoint: str | None = None,
+    *,
+    encoder_checkpoint: str | None = None,
+    img_size: int = 512,
+    attention_block: int | None = None,
+    read: Reader = read_bytes,
+) -> PseudoLabelGenerator:
+    """The paper's model: ViT-B/16 (MAE weights via ``encoder_checkpoint``) at 512²,
+    32×32 grid, dim 768, depth 12, 12 heads, decoder 256; similarity block 9 (10th layer).
+    """
+    encoder = build_vit(
+        "vit_base_patch16_224",
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        drop_path_rate=0.0,
+    )
+    model = _assemble(encoder, hidden_dim=256, attention_block=attention_block)
+    return _finish(model, checkpoint, encoder_checkpoint, read)
+
+
+GENERATORS: dict[str, Callable[..., PseudoLabelGenerator]] = {
+    "vit_tiny_demo": build_vit_tiny_demo,
+    "vit_small": build_vit_small,
+    "vit_base_mae": build_vit_base_mae,
+}
+
+# 0-based block whose attention is the similarity (paper: 10th of 12 layers).
+ATTENTION_BLOCKS: dict[str, int] = {"vit_tiny_demo": 1, "vit_small": 9, "vit_base_mae": 9}
+
+
+def build_generator(name: str, checkpoint: str | None = None, **overrides) -> PseudoLabelGenerator:
+    """Build a registered generator; ``overrides`` go to its builder (e.g. img_size,
+    encoder_checkpoint, read)."""
+    if name not in GENERATORS:
+        raise KeyError(f"unknown generator {name!r}; have {sorted(GENERATORS)}")
+    return GENERATORS[name](checkpoint, **overrides)
+
+
+def build_similarity_extractor(
+    name: str,
+    checkpoint: str | None = None,
+    *,
+    attention_block: int | None = None,
+    freeze: bool = True,
+    **overrides,
+) -> SimilarityExtractor:
+    """Build a registered similarity extractor.
+
+    Args:
+        name: a ``GENERATORS`` key.
+        checkpoint: whole-model weights (the warmed-up extractor of stage 1a).
+        attention_block: 0-based block; None = ``ATTENTION_BLOCKS[name]``.
+        freeze: True (stage 1b) freezes it; False to warm it up (stage 1a).
+        overrides: builder arguments (img_size, encoder_checkpoint, read).
+    """
+    if name not in GENERATORS:
+        raise KeyError(f"unknown generator {name!r}; have {sorted(GENERATORS)}")
+    block = ATTENTION_BLOCKS[name] if attention_block is None else attention_block
+    model = GENERATORS[name](checkpoint, attention_block=block, **overrides)
+    return model.freeze() if freeze else model

@@ -1,0 +1,150 @@
+"""Known answers for exits.evaluate (mask AP, retention, pseudo-label mIoU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from exits import evaluate as ev
+
+H = W = 64
+
+
+def rle(mask: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    r["counts"] = r["counts"].decode("ascii")
+    return r
+
+
+def square(x0: int, y0: int, side: int) -> np.ndarray:
+    m = np.zeros((H, W), np.uint8)
+    m[y0 : y0 + side, x0 : x0 + side] = 1
+    return m
+
+
+def two_blobs() -> np.ndarray:
+    """Two 6×6 squares 10 px apart: 2 connected components."""
+    return square(5, 5, 6) | square(21, 5, 6)
+
+
+def ann(
+    ann_id: int, image_id: int, mask: np.ndarray, cat: int = 1, score: float | None = None
+) -> dict:
+    r = rle(mask)
+    out = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": cat,
+        "segmentation": r,
+        "area": float(mask_utils.area(r)),
+        "bbox": mask_utils.toBbox(r).tolist(),
+        "iscrowd": 0,
+    }
+    if score is not None:
+        out["score"] = score
+    return out
+
+
+def coco(anns: list[dict]) -> dict:
+    return {
+        "images": [{"id": i, "file_name": f"{i}.png", "height": H, "width": W} for i in (1, 2)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": anns,
+    }
+
+
+@pytest.fixture
+def gt() -> dict:
+    polygon = {  # a polygon GT (20×20 square) next to RLE ones
+        "id": 3,
+        "image_id": 2,
+        "category_id": 2,
+        "segmentation": [[30, 30, 50, 30, 50, 50, 30, 50]],
+        "area": 400.0,
+        "bbox": [30, 30, 20, 20],
+        "iscrowd": 0,
+    }
+    return coco([ann(1, 1, square(10, 10, 10)), ann(2, 1, two_blobs(), cat=2), polygon])
+
+
+def test_gt_against_itself_gives_ap_and_miou_one(gt: dict) -> None:
+    ap = ev.mask_ap(gt, gt)
+    assert ap["segm"]["AP"] == pytest.approx(1.0)
+    assert ap["bbox"]["AP"] == pytest.approx(1.0)
+    miou = ev.pseudo_label_miou(gt, gt)
+    assert miou["all"] == {"miou": pytest.approx(1.0), "count": 3}
+    assert miou["missing"] == 0 and miou["extra"] == 0
+
+
+def test_shifted_square_gives_hand_computed_iou() -> None:
+    # 10×10 square shifted 2 px right: intersection 8×10 = 80, union 120
+    gt = coco([ann(1, 1, square(10, 10, 10))])
+    pseudo = coco([ann(1, 1, square(12, 10, 10), score=1.0)])
+    expected = 80 / 120
+    assert ev.rle_iou(
+        pseudo["annotations"][0]["segmentation"], gt["annotations"][0]["segmentation"]
+    ) == pytest.approx(expected)
+    miou = ev.pseudo_label_miou(gt, pseudo)
+    assert miou["all"]["miou"] == pytest.approx(expected)
+    assert miou["small"] == {"miou": pytest.approx(expected), "count": 1}  # area 100 < 32²
+    assert miou["medium"]["count"] == 0 and math.isnan(miou["medium"]["miou"])
+    # IoU 0.667 is a hit at thresholds 0.50-0.65 (4 of 10) and a miss above
+    assert ev.mask_ap(gt, pseudo)["segm"]["AP"] == pytest.approx(0.4)
+
+
+def test_separated_subset_selection() -> None:
+    assert ev.num_components(two_blobs()) == 2 and ev.is_separated(two_blobs())
+    assert not ev.is_separated(square(0, 0, 5))
+    diagonal = np.zeros((8, 8), np.uint8)
+    diagonal[2, 2] = diagonal[3, 3] = 1  # touching at a corner: one component at 8-connectivity
+    assert ev.num_components(diagonal) == 1 and not ev.is_separated(diagonal)
+
+    gt = coco([ann(1, 1, square(10, 10, 10)), ann(2, 1, two_blobs())])
+    # pseudo keeps only the left blob: IoU 36 / 72 on the separated instance
+    pseudo = coco([ann(1, 1, square(10, 10, 10)), ann(2, 1, square(5, 5, 6))])
+    miou = ev.pseudo_label_miou(gt, pseudo)
+    assert miou["separated"] == {"miou": pytest.approx(0.5), "count": 1}
+    assert miou["all"]["miou"] == pytest.approx(0.75)
+
+
+def test_missing_pseudo_label_scores_zero(gt: dict) -> None:
+    pseudo = dict(gt, annotations=[a for a in gt["annotations"] if a["id"] != 2])
+    pseudo["annotations"] = pseudo["annotations"] + [ann(99, 1, square(0, 0, 4))]
+    miou = ev.pseudo_label_miou(gt, pseudo)
+    assert miou["missing"] == 1 and miou["extra"] == 1
+    assert miou["all"]["miou"] == pytest.approx(2 / 3)
+
+
+def test_size_buckets_use_coco_thresholds() -> None:
+    assert ev.size_bucket(32**2 - 1) == "small"
+    assert ev.size_bucket(32**2) == "medium"
+    assert ev.size_bucket(96**2) == "large"
+
+
+def test_retention() -> None:
+    assert ev.retention(0.27, 0.3) == pytest.approx(0.9)
+    assert math.isnan(ev.retention(0.1, 0.0))
+
+
+def test_no_detections_gives_zero_ap(gt: dict) -> None:
+    assert ev.mask_ap(gt, [])["segm"]["AP"] == 0.0
+
+
+def test_cli_writes_metrics(gt: dict, tmp_path) -> None:
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    metrics = ev.main(
+        ["--gt", str(gt_path), "--pred", str(gt_path), "--pred-gt-trained", str(gt_path),
+         "--pseudo", str(gt_path), "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["retention"]["segm"] == pytest.approx(1.0)
+    assert saved["pseudo_label_miou"]["all"]["miou"] == pytest.approx(1.0)
+    assert metrics["metric"] == "coco"
+    table = (out / "metrics.md").read_text()
+    assert "| separated |" in table and "Retention" in table

@@ -1,0 +1,73 @@
+"""Pipeline orchestration: manifests, skipping finished stages, re-running what a change affects."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from exits import manifest, pipeline
+from exits.config import load_config
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    calls: list[str] = []
+
+    def make(stage):
+        def run(cfg, run_dir, fp):
+            calls.append(stage)
+            return manifest.write_manifest(run_dir, stage, fp, time.time(), counts={"n": 1})
+
+        return run
+
+    monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: make(s) for s in manifest.STAGES})
+    return calls
+
+
+def test_skip_and_rerun_downstream(tmp_path, fake_stages):
+    cfg = load_config("demo")
+    out = str(tmp_path / "run")
+    pipeline.run_pipeline(cfg, out)
+    assert fake_stages == list(manifest.STAGES)
+    fake_stages.clear()
+    pipeline.run_pipeline(cfg, out)
+    assert fake_stages == []  # everything done
+    cfg.generator.epochs += 1  # a 1b change redoes 1b and everything after it, not prepare/1a
+    pipeline.run_pipeline(cfg, out)
+    assert fake_stages == ["generator", "label", "stage2", "eval"]
+    fake_stages.clear()
+    pipeline.run_pipeline(cfg, out, stages=["warmup"], force=True)
+    assert fake_stages == ["warmup"]
+    fake_stages.clear()
+    pipeline.run_pipeline(cfg, out, from_stage="stage2", force=True)
+    assert fake_stages == ["stage2", "eval"]
+
+
+def test_half_written_stage_is_redone(tmp_path, fake_stages):
+    cfg = load_config("demo")
+    out = str(tmp_path / "run")
+    pipeline.run_pipeline(cfg, out, stages=["prepare"])
+    # a crashed stage leaves artifacts but no manifest: it must run again
+    (tmp_path / "run" / "warmup").mkdir()
+    (tmp_path / "run" / "warmup" / "partial.bin").write_bytes(b"x")
+    fake_stages.clear()
+    pipeline.run_pipeline(cfg, out, stages=["prepare", "warmup"])
+    assert fake_stages == ["warmup"]
+
+
+def test_unknown_stage_and_config_key_fail_fast(tmp_path):
+    with pytest.raises(ValueError, match="unknown stages"):
+        pipeline.run_pipeline(load_config("demo"), str(tmp_path), stages=["nope"])
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config("demo", ["generator.epochz=3"])
+    with pytest.raises(FileNotFoundError, match="known"):
+        load_config("no-such-dataset")
+
+
+def test_overrides_and_gpu_switch():
+    cfg = load_config("coco", ["generator.epochs=2", "retrieval.tau_fg=0.002"])
+    assert cfg.generator.epochs == 2 and cfg.retrieval.tau_fg == 0.002
+    assert cfg.warmup.use_gpu and cfg.label.gpus_per_actor == 1
+    assert cfg.retrieval.similarity == "attention" and cfg.loss.balanced_bce == 0  # paper profile
+    assert load_config("lvis").data.name == "lvis" and load_config("lvis").stage2.model == "mask_rcnn_r50"

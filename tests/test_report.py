@@ -1,0 +1,179 @@
+"""The run report: a fake run directory with some stages done, one missing, tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from exits import storage
+from exits.data.coco import ERROR_SCHEMA, load_instances, write_table
+from exits.data.synthetic import write_demo_dataset
+from exits.label import MASK_SCHEMA
+from exits.report import write_report
+
+RETRIEVAL = {"fg_precision": 0.8123, "fg_recall": 0.4567, "bg_precision": 0.9321,
+             "bg_recall": 0.6543, "auc": 0.8877, "fg_per_crop": 5.5, "bg_per_crop": 7.25}  # fmt: skip
+PSEUDO = {"all": {"miou": 0.7311, "count": 10}, "separated": {"miou": 0.5122, "count": 2},
+          "small": {"miou": 0.6011, "count": 3}, "medium": {"miou": 0.7522, "count": 7},
+          "large": {"miou": float("nan"), "count": 0}, "missing": 0, "extra": 0}  # fmt: skip
+LABEL_SUMMARY = {"instances": 11, "masks": 10, "errors": 1, "prepare_errors": 1,
+                 "empty_masks": 0, "crops": 10, "crops_per_s": 37.5, "seconds": 0.27}  # fmt: skip
+
+
+def _manifest(run: str, stage: str, **fields) -> None:
+    now = time.time()
+    m = {"stage": stage, "status": "done", "fingerprint": f"fp-{stage}", "started": now - 3.0,
+         "finished": now, "seconds": 3.0, **fields}  # fmt: skip
+    storage.write_json(storage.join(run, stage, "manifest.json"), m)
+
+
+def _png(h: int = 40, w: int = 60) -> bytes:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (0, 128, 255)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("report")
+    data = write_demo_dataset(str(tmp / "data"), num_images=4, image_size=96, seed=0)
+    run = str(tmp / "run")
+    inst, err = load_instances(data["annotations"], data["images"])
+    vinst, _ = load_instances(data["val_annotations"], data["images"])
+    assert inst.num_rows > 0 and vinst.num_rows > 0
+    write_table(inst, storage.join(run, "prepare", "instances.parquet"))
+    write_table(vinst, storage.join(run, "prepare", "val_instances.parquet"))
+    errors = pa.Table.from_pylist(
+        [
+            {
+                "ann_id": 999,
+                "image_id": 77,
+                "stage": "prepare",
+                "reason": "corrupt image: <bad> & truncated",
+            }
+        ],
+        schema=ERROR_SCHEMA,
+    )
+    write_table(err if err.num_rows else errors, storage.join(run, "prepare", "errors.parquet"))
+    paths = {"annotations": data["annotations"], "images": data["images"],
+             "val_annotations": data["val_annotations"], "val_images": data["images"]}  # fmt: skip
+    counts = {"instances": inst.num_rows, "errors": 1, "val_instances": vinst.num_rows}
+    _manifest(run, "prepare", data=paths, counts=counts)
+
+    metrics = {
+        "retrieval_attention": RETRIEVAL,
+        "retrieval_bilateral": {**RETRIEVAL, "auc": 0.7001},
+    }
+    _manifest(run, "warmup", steps=20, final_loss=0.4321, samples_per_s=12.5, metrics=metrics)
+    storage.publish_bytes(storage.join(run, "warmup", "loss.png"), _png())
+    _manifest(run, "generator", steps=30, final_loss=0.3, samples_per_s=11.0,
+              metrics={"pseudo_label": PSEUDO})  # fmt: skip
+    # no generator/loss.png: the report re-plots metrics.csv
+    storage.write_text(
+        storage.join(run, "generator", "metrics.csv"),
+        "step,loss,loss_point,lr\n1,0.9,0.5,0.001\n2,0.7,0.4,0.001\n3,0.5,0.3,0.001\n",
+    )
+
+    # label: masks from the GT (one instance dropped -> shown as "without a pseudo mask")
+    rows = inst.to_pylist()
+    masks = [{"ann_id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"],
+              "bbox": r["bbox"], "score": 0.9, "segmentation": r["gt_segmentation"], "area": r["area"],
+              "generator": "abc123", "supervision": r["supervision"]} for r in rows[1:]]  # fmt: skip
+    write_table(
+        pa.Table.from_pylist(masks, schema=MASK_SCHEMA),
+        storage.join(run, "label", "masks", "shard-00000.parquet"),
+    )
+    label_err = pa.Table.from_pylist(
+        [{"ann_id": rows[0]["ann_id"], "image_id": rows[0]["image_id"], "stage": "label",
+          "reason": "degenerate extreme points: top == bottom"}], schema=ERROR_SCHEMA)  # fmt: skip
+    write_table(label_err, storage.join(run, "label", "errors", "shard-00000.parquet"))
+    write_table(errors, storage.join(run, "label", "errors", "prepare.parquet"))
+    _manifest(run, "label", summary=LABEL_SUMMARY)
+
+    # stage2: missing; eval: folder without manifest (e.g. the report is written during eval)
+    storage.write_json(storage.join(run, "eval", "metrics.json"),
+                       {"dataset": "demo", "pseudo_label_train": {**PSEUDO, "all": {"miou": 0.6789, "count": 10}}})  # fmt: skip
+    cfg = {"retrieval": {"similarity": "bilateral", "threshold_rule": "relative", "delta": 1.0},
+           "crop": {"size": 96, "inference_enlarge": 1.3}, "data": {"name": "demo"}}  # fmt: skip
+    storage.write_json(storage.join(run, "config.json"), cfg)
+    return run
+
+
+def _stage_status(page: str, stage: str) -> str:
+    m = re.search(rf"<tr><td>{stage}</td><td[^>]*>([^<]*)</td>", page)
+    assert m, f"no status row for {stage}"
+    return m.group(1)
+
+
+def test_report_full(run_dir: str) -> None:
+    uri = write_report(run_dir, max_overlays=3)
+    assert uri == os.path.join(run_dir, "report", "index.html")
+    assert os.path.exists(uri)
+    page = open(uri, encoding="utf-8").read()
+    assert "<script" not in page
+
+    for stage in ("prepare", "warmup", "generator", "label", "stage2", "eval"):
+        assert f"<td>{stage}</td>" in page
+    assert _stage_status(page, "prepare") == "done"
+    assert _stage_status(page, "stage2") == "not run"
+    assert _stage_status(page, "eval") == "incomplete"
+
+    for number in ("0.8123", "0.4567", "0.9321", "0.6543", "0.8877", "0.7001",  # retrieval
+                   "0.7311", "0.5122", "0.6011", "0.7522", "0.6789",  # mIoU
+                   "37.5", "0.4321"):  # fmt: skip
+        assert number in page, number
+    assert "attention" in page and "bilateral" in page
+    assert "not run (no stage-2 metrics)" in page
+
+    # errors: escaped, counted by reason
+    assert "corrupt image: &lt;bad&gt; &amp; truncated" in page
+    assert "<bad>" not in page
+    assert "degenerate extreme points" in page
+
+    report = os.path.join(run_dir, "report")
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    overlays = [s for s in srcs if s.startswith("overlay_")]
+    assert 1 <= len(overlays) <= 3
+    assert {"loss_warmup.png", "loss_generator.png", "retrieval.png"} <= set(srcs)
+    for name in srcs:
+        img = cv2.imread(os.path.join(report, name))
+        assert img is not None, name
+    # side-by-side overlays: GT and pseudo panels, upscaled from 96 px
+    ov = cv2.imread(os.path.join(report, overlays[0]))
+    assert ov.shape[1] > 2 * ov.shape[0] - 60 and ov.shape[0] >= 256
+    assert "figure unavailable" not in page
+
+
+def test_report_empty_run(tmp_path) -> None:
+    run = str(tmp_path / "empty")
+    uri = write_report(run)
+    page = open(uri, encoding="utf-8").read()
+    for stage in ("prepare", "warmup", "generator", "label", "stage2", "eval"):
+        assert _stage_status(page, stage) == "not run"
+    assert "figure unavailable" in page  # loss curves, overlays, retrieval
+
+
+def test_report_figure_failure_is_contained(run_dir: str, tmp_path) -> None:
+    """Broken inputs of one figure show 'figure unavailable: reason', the rest still renders."""
+    run = str(tmp_path / "broken")
+    for stage in ("prepare", "label"):
+        for f in storage.list_dir(storage.join(run_dir, stage), recursive=True):
+            if os.path.isfile(f):
+                rel = os.path.relpath(f, run_dir)
+                storage.write_bytes(storage.join(run, rel), storage.read_bytes(f))
+    m = storage.read_json(storage.join(run, "prepare", "manifest.json"))
+    m["data"]["images"] = str(tmp_path / "no-such-images")
+    storage.write_json(storage.join(run, "prepare", "manifest.json"), m)
+    storage.write_json(storage.join(run, "config.json"), {"retrieval": {"similarity": "attention"}})
+
+    page = open(write_report(run, max_overlays=2), encoding="utf-8").read()
+    assert "figure unavailable: image" in page and "missing image file" in page
+    assert "warmup/model.pt missing" in page  # attention retrieval without the extractor
+    assert _stage_status(page, "label") == "done"
+    assert "37.5" in page
