@@ -56,6 +56,7 @@ from exits.model.generator import build_generator  # noqa: E402
 
 CROP_SIZE = 96
 OBJECT_STORE = 300 * 1024**2
+RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # besides raylet, gcs_server, ...
 
 
 def make_dataset(root: str, num_images: int) -> dict:
@@ -97,43 +98,48 @@ def bare_loop(instances, images: str, checkpoint: str, crop: CropConfig, cfg: La
 
 
 class RssSampler:
-    """Peak RSS of the driver plus Ray worker processes (tasks and actors), sampled together.
+    """Peak memory of the driver plus Ray worker processes (tasks and actors), summed per sample.
 
-    Ray's own daemons (GCS, raylet, agents) are tracked separately in ``peak_all``.
+    ``peak`` sums RSS; ``peak_private`` sums RSS minus shared pages (``memory_info().shared``),
+    i.e. without the object store's shared memory, which every worker that touched a page
+    counts again (the store itself is capped by ``object_store_memory``). Ray's daemons (GCS,
+    raylet, agents) are only in ``peak_all``.
     """
 
     def __init__(self, interval: float = 0.2) -> None:
         import psutil  # vendored by ray (ray/thirdparty_files)
 
         self.psutil, self.interval = psutil, interval
-        self.peak, self.peak_all, self.max_workers = 0, 0, 0
+        self.peak = self.peak_private = self.peak_all = self.max_workers = 0
+        self.names_at_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> tuple[int, int, int]:
+    def _sample(self) -> None:
         me = self.psutil.Process()
-        ours = total = me.memory_info().rss
-        workers = 0
+        info = me.memory_info()
+        rss, private, total, names = info.rss, info.rss - info.shared, info.rss, {"driver": 1}
         for p in me.children(recursive=True):
             try:
-                rss = p.memory_info().rss
-                is_worker = p.name().startswith("ray::") or "default_worker.py" in " ".join(
-                    p.cmdline()
-                )
+                info = p.memory_info()
+                name = p.name()
+                is_worker = name.startswith("ray::") and name not in RAY_DAEMONS
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 continue
-            total += rss
+            total += info.rss
             if is_worker:
-                ours += rss
-                workers += 1
-        return ours, total, workers
+                rss += info.rss
+                private += info.rss - info.shared
+                names[name] = names.get(name, 0) + 1
+        if private > self.peak_private:
+            self.peak_private, self.names_at_peak = private, names
+        self.peak = max(self.peak, rss)
+        self.peak_all = max(self.peak_all, total)
+        self.max_workers = max(self.max_workers, sum(names.values()) - 1)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ours, total, workers = self._sample()
-            self.peak = max(self.peak, ours)
-            self.peak_all = max(self.peak_all, total)
-            self.max_workers = max(self.max_workers, workers)
+            self._sample()
             time.sleep(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -173,30 +179,20 @@ def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelCon
     }
     if sampler:
         result["peak_rss_mb"] = round(sampler.peak / 2**20, 1)  # driver + workers
+        result["peak_private_mb"] = round(sampler.peak_private / 2**20, 1)
+        result["processes_at_peak"] = sampler.names_at_peak
         result["peak_rss_all_mb"] = round(sampler.peak_all / 2**20, 1)  # + Ray daemons
         result["max_worker_processes"] = sampler.max_workers
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=240, help="images for the throughput runs")
-    p.add_argument("--rss-images", type=int, default=60, help="base images for the RSS runs")
-    p.add_argument("--scale", type=int, default=10, help="dataset growth for the RSS runs")
-    p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args()
-
-    root = tempfile.mkdtemp(prefix="exits-bench-label-")
-    torch.manual_seed(0)
-    checkpoint = os.path.join(root, "generator.pt")
-    save_model(checkpoint, build_generator("vit_tiny_demo", img_size=CROP_SIZE), "vit_tiny_demo",
-               "generator", {"img_size": CROP_SIZE})  # fmt: skip
-    crop = CropConfig(size=CROP_SIZE)
-    ds = make_dataset(root, args.images)
-    print(f"[bench] {args.images} images, {ds['instances'].num_rows} instances", flush=True)
-    cfg1 = LabelConfig(batch_size=args.batch_size, num_actors=1, images_per_block=8)
-    cfg2 = LabelConfig(batch_size=args.batch_size, num_actors=2, images_per_block=8)
-
+def throughput(
+    root: str, num_images: int, checkpoint: str, crop: CropConfig, cfg1: LabelConfig,
+    cfg2: LabelConfig,
+) -> dict:  # fmt: skip
+    """Bare loop (before and after, the box is shared), Ray with 1 and 2 actors."""
+    ds = make_dataset(root, num_images)
+    print(f"[bench] {num_images} images, {ds['instances'].num_rows} instances", flush=True)
     bare = bare_loop(ds["instances"], ds["images"], checkpoint, crop, cfg1)
     print(f"[bench] bare loop: {bare}", flush=True)
     one = ray_run(ds, checkpoint, os.path.join(root, "run1"), crop, cfg1, num_cpus=2)
@@ -205,7 +201,43 @@ def main() -> None:
     print(f"[bench] ray 2 actors: {two}", flush=True)
     bare_again = bare_loop(ds["instances"], ds["images"], checkpoint, crop, cfg1)
     print(f"[bench] bare loop again: {bare_again}", flush=True)
-    bare_rate = (bare["crops_per_s"] + bare_again["crops_per_s"]) / 2  # the box is shared: drift
+    bare_rate = (bare["crops_per_s"] + bare_again["crops_per_s"]) / 2
+
+    def ratio(a: float | None) -> float | None:
+        return round(a / bare_rate, 3) if a else None
+
+    return {
+        "ratio_1_actor": ratio(one["steady_crops_per_s"]),
+        "ratio_2_actors": ratio(two["steady_crops_per_s"]),
+        "ratio_1_actor_e2e": ratio(one["e2e_crops_per_s"]),
+        "ratio_2_actors_e2e": ratio(two["e2e_crops_per_s"]),
+        "bare_crops_per_s": round(bare_rate, 2),
+        "bare_runs": [bare, bare_again],
+        "ray_1_actor": one,
+        "ray_2_actors": two,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=240, help="images for the throughput runs")
+    p.add_argument("--rss-images", type=int, default=60, help="base images for the RSS runs")
+    p.add_argument("--scale", type=int, default=10, help="dataset growth for the RSS runs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rss-only", action="store_true", help="skip the throughput runs")
+    args = p.parse_args()
+
+    root = tempfile.mkdtemp(prefix="exits-bench-label-")
+    torch.manual_seed(0)
+    checkpoint = os.path.join(root, "generator.pt")
+    save_model(checkpoint, build_generator("vit_tiny_demo", img_size=CROP_SIZE), "vit_tiny_demo",
+               "generator", {"img_size": CROP_SIZE})  # fmt: skip
+    crop = CropConfig(size=CROP_SIZE)
+    cfg1 = LabelConfig(batch_size=args.batch_size, num_actors=1, images_per_block=8)
+    cfg2 = LabelConfig(batch_size=args.batch_size, num_actors=2, images_per_block=8)
+    out: dict = {}
+    if not args.rss_only:
+        out = throughput(root, args.images, checkpoint, crop, cfg1, cfg2)
 
     small = make_dataset(root, args.rss_images)
     big = make_dataset(root, args.rss_images * args.scale)
@@ -216,19 +248,11 @@ def main() -> None:
     rss_big = ray_run(big, checkpoint, os.path.join(root, "rss10"), crop, cfg1, 2, measure_rss=True)
     print(f"[bench] rss {args.rss_images * args.scale} images: {rss_big}", flush=True)
 
-    def ratio(a: float | None) -> float | None:
-        return round(a / bare_rate, 3) if a else None
-
     print(json.dumps({
-        "ratio_1_actor": ratio(one["steady_crops_per_s"]),
-        "ratio_2_actors": ratio(two["steady_crops_per_s"]),
-        "ratio_1_actor_e2e": ratio(one["e2e_crops_per_s"]),
-        "ratio_2_actors_e2e": ratio(two["e2e_crops_per_s"]),
+        **{k: out.get(k) for k in ("ratio_1_actor", "ratio_2_actors")},
         "rss_growth": round(rss_big["peak_rss_mb"] / rss_small["peak_rss_mb"] - 1.0, 3),
-        "bare_crops_per_s": round(bare_rate, 2),
-        "bare_runs": [bare, bare_again],
-        "ray_1_actor": one,
-        "ray_2_actors": two,
+        "private_growth": round(rss_big["peak_private_mb"] / rss_small["peak_private_mb"] - 1, 3),
+        **out,
         "rss_small": {"images": args.rss_images, **rss_small},
         "rss_big": {"images": args.rss_images * args.scale, **rss_big},
         "crop_size": CROP_SIZE,

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -178,20 +179,20 @@ def lvis_ap(
             "(no federated negatives, no APr/APc/APf); `pip install lvis` for the LVIS metric"
         )
         out: dict[str, Any] = mask_ap(gt_json, det_json, iou_types)
-        out["evaluator"] = "coco"  # type: ignore[assignment]
+        out["evaluator"] = "coco"
         return out
-    gt = LVIS.__new__(LVIS)  # LVIS() only takes a path: index the in-memory dict ourselves
-    gt.dataset = copy.deepcopy(dict(load_json(gt_json)))
-    gt.logger = logger
-    gt._create_index()
     results = detections_from(det_json)
+    with tempfile.TemporaryDirectory(prefix="exits-lvis-") as tmp:
+        gt_path = os.path.join(tmp, "gt.json")  # LVIS() reads a file
+        with open(gt_path, "w") as f:
+            json.dump(load_json(gt_json), f)
+        gt = LVIS(gt_path)
     out = {"evaluator": "lvis"}
     for t in iou_types:
-        dt = LVISResults(gt, copy.deepcopy(results))
-        ev = LVISEval(gt, dt, iou_type=t)
+        ev = LVISEval(gt, LVISResults(gt, copy.deepcopy(results)), iou_type=t)
         ev.run()
         out[t] = {k: float(v) for k, v in ev.get_results().items()}
-    return out  # type: ignore[return-value]
+    return out
 
 
 def retention(ap_pseudo: float, ap_gt: float) -> float:

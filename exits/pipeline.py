@@ -212,30 +212,43 @@ def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
     metrics: dict = {"dataset": cfg.data.name}
     label_m = manifest.read_manifest(run, "label") or {}
     if label_m.get("pseudo_json"):
-        metrics["pseudo_label_train"] = pseudo_label_miou(
+        metrics["pseudo_label_miou"] = pseudo_label_miou(
             paths["annotations"], label_m["pseudo_json"]
         )
+        metrics["label_summary"] = label_m.get("summary", {})
     gen_m = manifest.read_manifest(run, "generator") or {}
     if gen_m.get("metrics", {}).get("pseudo_label"):
         metrics["pseudo_label_heldout"] = gen_m["metrics"]["pseudo_label"]
     warm_m = manifest.read_manifest(run, "warmup") or {}
     metrics["retrieval"] = warm_m.get("metrics", {})
-    s2 = manifest.read_manifest(run, "stage2") or {}
-    if s2.get("metrics"):
-        metrics["mask_ap"] = s2["metrics"]
+    s2 = (manifest.read_manifest(run, "stage2") or {}).get("metrics") or {}
+    if s2:
+        metrics["mask_ap"] = mmdet_metrics_table(s2)
     metrics["stages"] = {
         s: {"seconds": (manifest.read_manifest(run, s) or {}).get("seconds")} for s in STAGES[:-1]
     }
     storage.write_json(_uri(run, "eval", "metrics.json"), metrics)
     storage.write_json(storage.join(run, "metrics.json"), metrics)
-    try:
-        storage.write_text(_uri(run, "eval", "metrics.md"), markdown_report(metrics))
-    except (KeyError, TypeError, ValueError) as e:  # report formatting must not fail the run
-        log.warning("metrics.md not written: %s", e)
+    storage.write_text(_uri(run, "eval", "metrics.md"), markdown_report(metrics))
     from exits.report import write_report
 
     report = write_report(run)
     return manifest.write_manifest(run, "eval", fp, started, metrics=metrics, report=report)
+
+
+def mmdet_metrics_table(metrics: dict) -> dict:
+    """mmdet's flat ``coco/segm_mAP_50``-style keys -> {"segm": {"mAP_50": ...}, "bbox": {...}}.
+
+    A missing key means mmdet found no detections (its CocoMetric then returns nothing): 0.
+    """
+    out: dict = {}
+    for iou_type in ("segm", "bbox"):
+        names = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+        vals = {
+            n: float(v) for k, v in metrics.items() for n in names if k.endswith(f"/{iou_type}_{n}")
+        }
+        out[iou_type] = {n: vals.get(n, 0.0) for n in names}
+    return out
 
 
 STAGE_FUNCS: dict[str, Callable[[PipelineConfig, str, str], dict]] = {
@@ -303,7 +316,8 @@ def summary_line(results: dict, output: str) -> str:
     m = (results.get("eval") or {}).get("metrics", {})
     return json.dumps({"output": output, "report": report if storage.exists(report) else None,
                        "pseudo_label_heldout": m.get("pseudo_label_heldout", {}).get("all"),
-                       "mask_ap": m.get("mask_ap")}, default=str)  # fmt: skip
+                       "pseudo_label_train": m.get("pseudo_label_miou", {}).get("all"),
+                       "segm_mAP": m.get("mask_ap", {}).get("segm", {}).get("mAP")}, default=str)  # fmt: skip
 
 
 def abspath_if_local(uri: str) -> str:

@@ -300,7 +300,7 @@ def _miou_table(r: _Run) -> str:
     ).get("pseudo_label_heldout")
     if isinstance(held, dict):
         rows.append(_miou_row("held-out val (stage 1b generator)", held))
-    train = (r.eval_metrics or {}).get("pseudo_label_train")
+    train = (r.eval_metrics or {}).get("pseudo_label_miou")
     if isinstance(train, dict):
         rows.append(_miou_row("train pseudo labels (stage 1c)", train))
     title = "<h3>Pseudo-label mIoU</h3>"

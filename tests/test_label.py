@@ -193,7 +193,7 @@ def test_interrupt_and_resume_exactly_once(ray_cluster, demo_dataset, generator_
     run = str(tmp_path / "run")
     args = (instances, demo_dataset["images"], generator_ckpt, run, CROP)
     with pytest.raises(InjectedFault):
-        label_instances(*args, small_cfg(fail_after_batches=3), shard_images=2)
+        label_instances(*args, small_cfg(fail_after_batches=5), shard_images=2)
     masks_dir = os.path.join(run, "label", "masks")
     before = {f: os.stat(os.path.join(masks_dir, f)).st_mtime_ns for f in os.listdir(masks_dir)}
     num_shards = json.loads(open(os.path.join(run, "label", "plan.json")).read())["num_shards"]

@@ -70,4 +70,7 @@ def test_overrides_and_gpu_switch():
     assert cfg.generator.epochs == 2 and cfg.retrieval.tau_fg == 0.002
     assert cfg.warmup.use_gpu and cfg.label.gpus_per_actor == 1
     assert cfg.retrieval.similarity == "attention" and cfg.loss.balanced_bce == 0  # paper profile
-    assert load_config("lvis").data.name == "lvis" and load_config("lvis").stage2.model == "mask_rcnn_r50"
+    assert (
+        load_config("lvis").data.name == "lvis"
+        and load_config("lvis").stage2.model == "mask_rcnn_r50"
+    )

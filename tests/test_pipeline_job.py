@@ -116,6 +116,6 @@ def test_submit_kill_during_1b_resubmit_finishes(ray_head):
         "1b did not resume from its checkpoint"
     )
     metrics = json.load(open(os.path.join(output, "metrics.json")))
-    assert 0.0 <= metrics["pseudo_label_train"]["all"]["miou"] <= 1.0
+    assert 0.0 <= metrics["pseudo_label_miou"]["all"]["miou"] <= 1.0
     assert os.path.exists(os.path.join(output, "report", "index.html"))
     assert '"output"' in stdout

@@ -98,7 +98,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     # stage2: missing; eval: folder without manifest (e.g. the report is written during eval)
     storage.write_json(storage.join(run, "eval", "metrics.json"),
-                       {"dataset": "demo", "pseudo_label_train": {**PSEUDO, "all": {"miou": 0.6789, "count": 10}}})  # fmt: skip
+                       {"dataset": "demo", "pseudo_label_miou": {**PSEUDO, "all": {"miou": 0.6789, "count": 10}}})  # fmt: skip
     cfg = {"retrieval": {"similarity": "bilateral", "threshold_rule": "relative", "delta": 1.0},
            "crop": {"size": 96, "inference_enlarge": 1.3}, "data": {"name": "demo"}}  # fmt: skip
     storage.write_json(storage.join(run, "config.json"), cfg)

@@ -143,3 +143,28 @@ def test_configs_set_classes_and_small_profile(pseudo_json, demo_dataset, tmp_pa
     assert full.train_dataloader.dataset.metainfo["classes"] == tuple(
         c["name"] for c in demo_dataset["categories"]
     )
+
+
+@pytest.mark.integration
+def test_annotations_on_s3_are_localised(s3_bucket, pseudo_json, demo_dataset, tmp_path):
+    from exits import storage
+    from exits.stage2.ray_train import localize_inputs
+
+    train_uri = f"{s3_bucket}/ann/pseudo.json"
+    val_uri = f"{s3_bucket}/ann/val.json"
+    for src, uri in ((pseudo_json, train_uri), (demo_dataset["val_annotations"], val_uri)):
+        with open(src, "rb") as f:
+            storage.write_bytes(uri, f.read())
+    cfg = build_stage2_config(
+        "mask_rcnn_r50", train_uri, val_uri, demo_dataset["images"], str(tmp_path), dataset="demo"
+    )
+    assert cfg.train_dataloader.dataset.ann_file == train_uri  # classes were read from s3
+    assert cfg.model.roi_head.bbox_head.num_classes == len(demo_dataset["categories"])
+
+    localize_inputs(cfg, str(tmp_path))
+    local_val = cfg.val_evaluator.ann_file
+    assert local_val == cfg.val_dataloader.dataset.ann_file and os.path.isfile(local_val)
+    with open(local_val) as f, open(demo_dataset["val_annotations"]) as g:
+        assert json.load(f) == json.load(g)
+    with pytest.raises(ValueError, match="local or shared"):
+        build_stage2_config("mask_rcnn_r50", train_uri, val_uri, f"{s3_bucket}/img", str(tmp_path))

@@ -12,15 +12,14 @@ the data:
 * profile ``full`` = mmdet's schedule as shipped; ``cpu_small`` = small images, a few
   iterations with an ``IterBasedTrainLoop``, validation at the end, no pretrained download.
 
-Paths must be local when the config is built (the Ray wrapper localises s3:// inputs on
-each worker before building the Runner). Images are read from ``images_root``/``file_name``
+Annotation jsons may be local paths or ``s3://`` URIs (the Ray wrapper downloads them on
+each worker); images must be on a local or shared filesystem reachable by every worker. Images are read from ``images_root``/``file_name``
 (COCO, demo) or ``images_root``/``train2017|val2017``/… from ``coco_url`` (LVIS v1).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 import yaml
 from mmengine.config import Config, ConfigDict
+
+from exits import storage
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "stage2"
 PROFILES = ("full", "cpu_small")
@@ -82,9 +83,13 @@ def load_base_config(base_config: str) -> Config:
 
 
 def read_categories(ann_json: str) -> list[dict[str, Any]]:
-    """Categories of a local COCO json, in file order."""
-    with open(ann_json) as f:
-        return json.load(f)["categories"]
+    """Categories of a COCO json (local path or s3:// URI), in file order."""
+    return storage.read_json(ann_json)["categories"]
+
+
+def resolve_uri(uri: str) -> str:
+    """Absolute local path, or the ``s3://`` URI unchanged (localised later on each worker)."""
+    return uri if storage.is_s3(uri) else os.path.abspath(uri)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -135,6 +140,9 @@ def set_data(
     dataset_type, metric_type = DATASETS[dataset]
     if dataset == "lvis":
         _require_lvis()
+    for root in (images_root, val_images_root):
+        if storage.is_s3(root):  # mmengine's file backends cannot read s3://
+            raise ValueError(f"images must be on a local or shared filesystem, got {root}")
     splits = (
         ("train_dataloader", train_json, images_root),
         ("val_dataloader", val_json, val_images_root),
@@ -143,14 +151,14 @@ def set_data(
         ds = cfg[loader]["dataset"]
         ds.type = dataset_type
         ds.data_root = ""
-        ds.ann_file = os.path.abspath(ann_file)
+        ds.ann_file = resolve_uri(ann_file)
         ds.data_prefix = dict(img=os.path.join(os.path.abspath(root), ""))
         ds.metainfo = dict(classes=classes)
     cfg.test_dataloader = copy.deepcopy(cfg.val_dataloader)
     shipped = cfg.val_evaluator if isinstance(cfg.val_evaluator, dict) else cfg.val_evaluator[-1]
     cfg.val_evaluator = dict(
         type=metric_type,
-        ann_file=os.path.abspath(val_json),
+        ann_file=resolve_uri(val_json),
         metric=shipped.get("metric", ["bbox", "segm"]),
         format_only=False,
         # rank 0 gathers results with all_gather_object (works on gloo/CPU too) rather than
@@ -229,8 +237,8 @@ def build_stage2_config(
     Args:
         model: a name from :func:`available_models` (``mask_rcnn_r50``, ``solov2_r50``,
             ``mask2former_r50``) or a path to a YAML of the same shape.
-        train_json: local COCO json with the training masks (pseudo labels or GT).
-        val_json: local GT json for validation/test (COCOeval / LVIS metric).
+        train_json: COCO json with the training masks (pseudo labels or GT); path or s3://.
+        val_json: GT json for validation/test (COCOeval / LVIS metric); path or s3://.
         images_root: folder that ``file_name`` of the training images is relative to.
         work_dir: mmengine work dir (logs, local checkpoints).
         profile: ``"full"`` (mmdet's schedule as shipped) or ``"cpu_small"``.

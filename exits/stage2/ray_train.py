@@ -285,16 +285,19 @@ def localize_inputs(cfg: Config, dest_dir: str) -> None:
 
 
 def prepare_worker_config(
-    cfg: Config, work_dir: str, use_gpu: bool, local_rank: int, resume_from: str | None
+    cfg: Config, work_dir: str, device_index: int | None, resume_from: str | None
 ) -> Config:
-    """Distributed settings for one Ray worker: launcher, DDP wrapper, local work dir, resume."""
+    """Distributed settings for one Ray worker: launcher, DDP wrapper, local work dir, resume.
+
+    ``device_index``: this worker's CUDA device, None on CPU.
+    """
     cfg.launcher = "pytorch"
     cfg.work_dir = work_dir
     cfg.model_wrapper_cfg = dict(
         type="MMDistributedDataParallel",
         broadcast_buffers=False,
         find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
-        device_ids=[local_rank] if use_gpu else None,  # CPU modules take no device_ids
+        device_ids=None if device_index is None else [device_index],  # None for CPU modules
     )
     ev = cfg.val_evaluator
     if isinstance(ev, dict) and "outfile_prefix" not in ev:
@@ -315,33 +318,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
         The last validation metrics (rank 0's become ``Result.return_value``).
     """
     import ray.train
+    import ray.train.torch
     from mmengine.runner import Runner
 
     ctx = ray.train.get_context()
-    rank, local_rank = ctx.get_world_rank(), ctx.get_local_rank()
+    rank = ctx.get_world_rank()
     use_gpu = torch.cuda.is_available() and config.get("use_gpu", False)
-    if use_gpu:
-        torch.cuda.set_device(local_rank)
+    device_index = None
+    if use_gpu:  # mmengine moves the model to the *current* CUDA device
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        device_index = device.index
     register_mmengine_safe_globals()
     work_dir = tempfile.mkdtemp(prefix=f"{LOCAL_WORK_PREFIX}{config['name']}-r{rank}-")
-    cfg = Config(config["cfg"])
-    localize_inputs(cfg, work_dir)
-    checkpoint = ray.train.get_checkpoint() if config.get("resume", True) else None
-    resume_from = (
-        localize_checkpoint(checkpoint, os.path.join(work_dir, "resume")) if checkpoint else None
-    )
-    prepare_worker_config(cfg, work_dir, use_gpu, local_rank, resume_from)
-    if rank == 0:
-        logger.info("stage 2 on %d workers, resume from %s", ctx.get_world_size(), resume_from)
+    try:
+        cfg = Config(config["cfg"])
+        localize_inputs(cfg, work_dir)
+        checkpoint = ray.train.get_checkpoint() if config.get("resume", True) else None
+        resume_from = (
+            localize_checkpoint(checkpoint, os.path.join(work_dir, "resume"))
+            if checkpoint
+            else None
+        )
+        prepare_worker_config(cfg, work_dir, device_index, resume_from)
+        if rank == 0:
+            logger.info("stage 2 on %d workers, resume from %s", ctx.get_world_size(), resume_from)
 
-    runner = Runner.from_cfg(cfg)
-    hook = RayTrainReportHook(run_dir=config.get("run_dir"))
-    runner.register_hook(hook)
-    runner.train()
-    if hook.last_val_metrics is None:  # resumed a finished run: no iteration, no validation
-        runner.val()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return hook.last_val_metrics
+        runner = Runner.from_cfg(cfg)
+        hook = RayTrainReportHook(run_dir=config.get("run_dir"))
+        runner.register_hook(hook)
+        runner.train()
+        if hook.last_val_metrics is None:  # resumed a finished run: no iteration, no validation
+            runner.val()
+        return hook.last_val_metrics
+    finally:  # local checkpoints are large; the run directory has the reported ones
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- driver
