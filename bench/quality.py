@@ -114,6 +114,7 @@ def main() -> None:
     val, _ = load_instances(data["val_annotations"], data["images"])
     write_table(train, os.path.join(out, "instances.parquet"))
     ray.init(
+        address="local",
         num_cpus=max(2, args.workers), include_dashboard=False, object_store_memory=300 * 1024**2
     )
     timings = {}

@@ -117,7 +117,8 @@ class LabelConfig:
     threshold: float = 0.5  # probability threshold after paste-back
     use_gpu: bool = False
     images_per_block: int = 8  # images per CPU decode/crop batch
-    fail_after_batches: int = -1  # fault injection (tests)
+    shard_images: int = 64  # images per output shard: the commit/resume unit of stage 1c
+    fail_after_batches: int = -1  # fault injection (tests): the driver stops after K > 0 result batches
 
 
 @dataclass

@@ -181,6 +181,7 @@ def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
     summary = label_instances(
         _uri(run, "prepare", "instances.parquet"), paths["images"], _uri(run, "generator", "model.pt"), run,
         cfg.crop, cfg.label, upstream_errors=read_table(_uri(run, "prepare", "errors.parquet")),
+        shard_images=cfg.label.shard_images,
     )  # fmt: skip
     coco = export_coco(
         _uri(run, "label", "masks"), paths["annotations"], _uri(run, "label", "pseudo_coco.json")

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
         results = run_pipeline(
             cfg, output, stages=args.stages, from_stage=args.from_stage, force=args.force
