@@ -156,7 +156,12 @@ def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelCon
     import ray
     import ray.data
 
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE, include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=OBJECT_STORE,
+        include_dashboard=False,
+    )
     # hold the pipeline until the actors are up: decode cannot run ahead during start-up, so
     # the time after the first result is a fair steady state
     ray.data.DataContext.get_current().wait_for_min_actors_s = 600

@@ -34,7 +34,7 @@ from exits.config import load_config  # noqa: E402
 from exits.data.coco import load_instances, write_table  # noqa: E402
 from exits.data.images import load_image  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
-from exits.train.data import CropDataset, CropSpec, instance_box  # noqa: E402
+from exits.train.data import CropDataset, CropSpec, row_box  # noqa: E402
 from exits.train.diagnostics import retrieval_stats  # noqa: E402
 from exits.train.loops import loop_config  # noqa: E402
 from exits.train.quality import evaluate_generator, evaluate_masks  # noqa: E402
@@ -45,7 +45,7 @@ POINT_RADIUS = 2  # px: sure-foreground disc around each extreme point
 
 
 def grabcut_mask(image: np.ndarray, row: dict) -> np.ndarray:
-    box, pts = instance_box(row)
+    box, pts = row_box(row)
     h, w = image.shape[:2]
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     mask = np.full((h, w), cv2.GC_BGD, np.uint8)
@@ -70,7 +70,7 @@ def grabcut_mask(image: np.ndarray, row: dict) -> np.ndarray:
 def baseline_masks(table, images: str, kind: str):
     for row in table.to_pylist():
         if kind == "box":
-            box, _ = instance_box(row)
+            box, _ = row_box(row)
             m = np.zeros((row["height"], row["width"]), np.float32)
             x0, y0, x1, y1 = (int(round(v)) for v in box)
             m[y0:y1, x0:x1] = 1
@@ -115,7 +115,9 @@ def main() -> None:
     write_table(train, os.path.join(out, "instances.parquet"))
     ray.init(
         address="local",
-        num_cpus=max(2, args.workers), include_dashboard=False, object_store_memory=300 * 1024**2
+        num_cpus=max(2, args.workers),
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
     )
     timings = {}
 

@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    ray.init(address="local", num_cpus=args.num_workers, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=args.num_workers, include_dashboard=False, log_to_driver=False
+    )
     runs = os.path.join(root, "runs")
     ap: dict[str, float | None] = {}
     for key, train_json in sources.items():

@@ -39,7 +39,9 @@ def main() -> None:
     data = write_demo_dataset(os.path.join(out, "data"), 96, 128, 0)
     inst, _ = load_instances(data["annotations"], data["images"])
     write_table(inst, os.path.join(out, "instances.parquet"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2
+    )
     cfg = load_config("demo")
     results: dict = {}
     extractor = None

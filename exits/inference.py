@@ -17,31 +17,37 @@ from exits import storage
 from exits.data.crops import crop_and_resize, enlarge_box, paste_mask
 from exits.data.images import load_image
 from exits.data.transforms import normalize, to_tensor
-from exits.train.data import instance_box
+from exits.train.data import row_box
 
 
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module, crops: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
-) -> np.ndarray:
-    """(B, S, S, 3) uint8 crops -> (B, h, h) float32 probabilities (h = S / 4).
-
-    bf16 autocast on CUDA; float32 on CPU.
-    """
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, crops: torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Batched torch call: (B, S, S, 3) uint8 crops (any device) -> (B, h, h) float32 logits on
+    ``device`` (h = S / 4). bf16 autocast on CUDA, float32 on CPU."""
     device = torch.device(device)
-    x = normalize(to_tensor(crops).to(device))
+    x = normalize(to_tensor(crops.to(device, non_blocking=True)))  # (B, 3, S, S)
     with torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     ):
-        logits = model(x)
-    return logits.float().sigmoid()[:, 0].cpu().numpy()
+        logits = model(x)  # (B, 1, h, h)
+    return logits[:, 0].float()
+
+
+def predict_probs(
+    model: nn.Module, crops: np.ndarray, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """numpy convenience: (B, S, S, 3) uint8 crops -> (B, h, h) float32 probabilities."""
+    crops_t = torch.from_numpy(np.ascontiguousarray(crops))
+    return predict_logits(model, crops_t, device).sigmoid().cpu().numpy()
 
 
 def crop_instance(
     image: np.ndarray, row: dict, size: int, enlarge: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(crop (S, S, 3) uint8, crop_box, box) at the fixed inference enlargement."""
-    box, _ = instance_box(row)
+    box, _ = row_box(row)
     crop_box = enlarge_box(box, enlarge)
     crop, _ = crop_and_resize(image, crop_box, size)
     return crop, crop_box, box

@@ -53,10 +53,9 @@ from pycocotools import mask as mask_utils
 from exits import manifest, storage
 from exits.config import CropConfig, LabelConfig
 from exits.data.coco import ERROR_SCHEMA, error_row, read_table, rle_to_json, write_table
-from exits.data.crops import box_from_extreme_points, crop_and_resize, enlarge_box, paste_mask
-from exits.data.extreme_points import validate_extreme_points
+from exits.data.crops import crop_and_resize, enlarge_box, instance_box, paste_mask
 from exits.data.images import ImageError, load_image
-from exits.data.transforms import normalize, to_tensor
+from exits.inference import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -207,29 +206,6 @@ def committed_shards(output: str) -> set[int]:
 # --------------------------------------------------------------------------------------
 # Stage 1: decode + crop (CPU tasks)
 # --------------------------------------------------------------------------------------
-def instance_box(
-    points: list | None, bbox: list[float], height: int, width: int
-) -> tuple[np.ndarray | None, str, str | None]:
-    """Box ``[x0, y0, x1, y1]`` (edge coords) of one instance, its supervision, or a reason.
-
-    Extreme points (4, 2) when present (validated); otherwise the COCO xywh ``bbox``.
-    """
-    if points is not None:
-        p = np.asarray(points, dtype=np.float64)
-        reason = validate_extreme_points(p, height, width)
-        if reason:
-            return None, "extreme_points", f"degenerate extreme points: {reason}"
-        return box_from_extreme_points(p), "extreme_points", None
-    b = np.asarray(bbox if bbox is not None else [np.nan] * 4, dtype=np.float64)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
-        return None, "box", "no extreme points and no valid bbox"
-    if b[2] < 1 or b[3] < 1:
-        return None, "box", f"degenerate box {b.tolist()}"
-    if b[0] < 0 or b[1] < 0 or b[0] + b[2] > width + 0.5 or b[1] + b[3] > height + 0.5:
-        return None, "box", f"box {b.tolist()} outside the image {width}x{height}"
-    return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]]), "box", None
-
-
 def crop_images(
     batch: pa.Table, *, images: str, size: int, enlarge: float
 ) -> dict[str, np.ndarray]:
@@ -315,13 +291,9 @@ class MaskPredictor:
         self.generator_id: str = info["id"]
         self.crop_size = crop_size
 
-    @torch.inference_mode()
     def predict_torch(self, crops: torch.Tensor) -> torch.Tensor:
         """crops (B, S, S, 3) uint8 on any device -> logits (B, S/4, S/4) float32 on device."""
-        x = normalize(to_tensor(crops.to(self.device, non_blocking=True)))  # (B, 3, S, S)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(x)  # (B, 1, S/4, S/4)
-        return logits[:, 0].float()
+        return predict_logits(self.model, crops, self.device)
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """numpy convenience: (B, S, S, 3) uint8 -> (B, S/4, S/4) float32 logits."""

@@ -41,7 +41,9 @@ def small_cfg(**kw) -> LabelConfig:
 def ray_cluster(moto_server):
     """A small local Ray cluster started after the moto env is set (workers inherit it)."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
+    )
     try:
         yield
     finally:

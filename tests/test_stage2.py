@@ -31,7 +31,10 @@ def ray_cluster():
 
     ray.init(
         address="local",
-        num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
     )
     yield
     ray.shutdown()

@@ -77,7 +77,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
+    )
     yield
     ray.shutdown()
 

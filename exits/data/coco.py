@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from exits import storage
+from exits.data.crops import instance_box
 from exits.data.extreme_points import (
     extreme_points_from_mask,
     extreme_points_from_polygons,
@@ -180,13 +181,10 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
         x0, y0 = points[1, 0], points[0, 1]
         bbox = [float(x0), float(y0), float(points[3, 0] + 1 - x0), float(points[2, 1] + 1 - y0)]
     else:
-        bbox = [float(v) for v in ann.get("bbox") or []]
-        if len(bbox) != 4 or not np.all(np.isfinite(bbox)):
-            raise ValueError("no extreme points, no mask and no valid bbox")
-        if bbox[2] < 2 or bbox[3] < 2:
-            raise ValueError(f"degenerate box {bbox}")
-        if bbox[0] < 0 or bbox[1] < 0 or bbox[0] + bbox[2] > w + 0.5 or bbox[1] + bbox[3] > h + 0.5:
-            raise ValueError(f"box {bbox} outside the image {w}x{h}")
+        box, _, reason = instance_box(None, ann.get("bbox"), h, w)
+        if reason:
+            raise ValueError(reason)
+        bbox = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
     area = (
         float(mask_utils.area(rle))
         if rle is not None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from exits.data.extreme_points import box_from_extreme_points
+from exits.data.extreme_points import box_from_extreme_points, validate_extreme_points
 
 INFERENCE_ENLARGE = 1.3  # MAL: fixed 1.3x per dimension at inference
 TRAIN_MEAN_ENLARGE = 1.3  # MAL: random margin per side, 1.3x per dimension on average ...
@@ -24,6 +24,7 @@ TRAIN_MAX_ENLARGE = 1.6  # ... and at most 1.6x
 
 __all__ = [
     "box_from_extreme_points",
+    "instance_box",
     "enlarge_box",
     "random_enlarge_box",
     "crop_and_resize",
@@ -33,6 +34,31 @@ __all__ = [
     "box_mask_in_crop",
     "paste_mask",
 ]
+
+
+def instance_box(
+    points: list | np.ndarray | None, bbox: list[float] | None, height: int, width: int
+) -> tuple[np.ndarray | None, str, str | None]:
+    """Box ``[x0, y0, x1, y1]`` (edge coords) of one instance, its supervision, or a reason.
+
+    Extreme points (4, 2) when present (validated) give the box and supervision
+    "extreme_points"; otherwise the COCO xywh ``bbox`` (validated) with supervision "box".
+    Returns (box or None, supervision, reason or None).
+    """
+    if points is not None:
+        p = np.asarray(points, dtype=np.float64)
+        reason = validate_extreme_points(p, height, width)
+        if reason:
+            return None, "extreme_points", f"degenerate extreme points: {reason}"
+        return box_from_extreme_points(p), "extreme_points", None
+    b = np.asarray(bbox if bbox is not None else [np.nan] * 4, dtype=np.float64)
+    if b.shape != (4,) or not np.all(np.isfinite(b)):
+        return None, "box", "no extreme points, no mask and no valid bbox"
+    if b[2] < 2 or b[3] < 2:  # as for extreme points: a box must span >= 2 px each way
+        return None, "box", f"degenerate box {b.tolist()}"
+    if b[0] < 0 or b[1] < 0 or b[0] + b[2] > width + 0.5 or b[1] + b[3] > height + 0.5:
+        return None, "box", f"box {b.tolist()} outside the image {width}x{height}"
+    return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]]), "box", None
 
 
 def enlarge_box(box: np.ndarray, factor: float = INFERENCE_ENLARGE) -> np.ndarray:

@@ -22,9 +22,9 @@ from exits.data.crops import (
     crop_and_resize,
     enlarge_box,
     image_to_crop,
+    instance_box,
     random_enlarge_box,
 )
-from exits.data.extreme_points import box_from_extreme_points
 from exits.data.images import load_image
 
 LEFT, RIGHT = 1, 3  # indices in (top, left, bottom, right)
@@ -40,13 +40,17 @@ class CropSpec:
     flip_prob: float = 0.5
 
 
-def instance_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows)."""
-    if row.get("extreme_points") is not None:
-        pts = np.asarray(row["extreme_points"], dtype=np.float64)
-        return box_from_extreme_points(pts), pts
-    x, y, w, h = row["bbox"]
-    return np.array([x, y, x + w, y + h], dtype=np.float64), None
+def row_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows).
+
+    Raises ValueError for rows ``crops.instance_box`` rejects (the prepare stage already
+    turned those into error rows).
+    """
+    pts = row.get("extreme_points")
+    box, _, reason = instance_box(pts, row.get("bbox"), row["height"], row["width"])
+    if reason:
+        raise ValueError(f"instance {row.get('ann_id')}: {reason}")
+    return box, (np.asarray(pts, dtype=np.float64) if pts is not None else None)
 
 
 def _box_midpoints(box: np.ndarray) -> np.ndarray:
@@ -98,7 +102,7 @@ class CropDataset(Dataset):
         spec = self.spec
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image = self._image(row["file_name"])
-        box, pts = instance_box(row)
+        box, pts = row_box(row)
         has_points = pts is not None
         if pts is None:
             pts = _box_midpoints(box)
