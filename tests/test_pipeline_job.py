@@ -24,18 +24,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 BIN = os.path.dirname(sys.executable)
 
 
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop only this test's Ray processes (``ray stop`` would stop every Ray on the machine)."""
-    pids = []
+def _stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Stop only this test's Ray processes (``ray stop`` would stop every Ray on the machine):
+    those whose command line names our temp dir or our GCS address, and all their descendants
+    (agents rename their command line)."""
+    parents: dict[int, int] = {}
+    ours: set[int] = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if temp_dir.encode() in f.read():
-                    pids.append(int(pid))
-        except OSError:
+                cmdline = f.read()
+                if temp_dir.encode() in cmdline or f":{gcs_port}\0".encode() in cmdline:
+                    ours.add(int(pid))
+        except (OSError, IndexError, ValueError):
             continue
+    grew = True
+    while grew:
+        children = {p for p, pp in parents.items() if pp in ours} - ours
+        grew = bool(children)
+        ours |= children
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for pid in ours:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -59,14 +70,17 @@ def ray_head(tmp_path_factory):
     subprocess.run(
         [f"{BIN}/ray", "start", "--head", "--num-cpus", "2", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-         "--object-store-memory=300000000", "--disable-usage-stats"],
+         "--object-store-memory=300000000", "--disable-usage-stats",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}"],
         check=True, env=env, capture_output=True, timeout=180,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     try:
         yield address, env, tmp
     finally:
-        _stop_cluster(temp_dir)
+        _stop_cluster(temp_dir, port)
 
 
 def _submit(address: str, env: dict, output: str, extra: list[str], wait: bool) -> str:
@@ -85,7 +99,11 @@ def _submit(address: str, env: dict, output: str, extra: list[str], wait: bool) 
         output,
         *extra,
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(30):  # right after `ray start` the head's job agent may not be up yet
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in out.stderr + out.stdout:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return out.stdout
 
@@ -114,19 +132,20 @@ def test_submit_kill_during_1b_resubmit_finishes(ray_head):
         "generator.checkpoint_every=3",
     ]
     job = _job_id(_submit(address, env, output, slow_1b, wait=False))
-    ckpts = os.path.join(output, "generator", "ray", "train")
+    # Ray Train V2 resumes from what its checkpoint manager snapshot records: wait until the
+    # snapshot names a checkpoint (a checkpoint_* folder alone may not be registered yet)
+    snapshot = os.path.join(output, "generator", "ray", "train", "checkpoint_manager_snapshot.json")
     deadline = time.time() + 600
     while time.time() < deadline:
-        done = (
-            [d for d in os.listdir(ckpts) if d.startswith("checkpoint_")]
-            if os.path.isdir(ckpts)
-            else []
-        )
-        if done:
-            break
-        time.sleep(1)
+        try:
+            with open(snapshot) as f:
+                if json.load(f).get("latest_checkpoint_result"):
+                    break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
     else:
-        pytest.fail("stage 1b never wrote a checkpoint")
+        pytest.fail("stage 1b never registered a checkpoint")
     subprocess.run(
         [f"{BIN}/ray", "job", "stop", "--address", address, job],
         env=env,
