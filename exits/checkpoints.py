@@ -54,9 +54,12 @@ def save_model(
 
 
 def read_checkpoint(uri: str) -> dict[str, Any]:
-    obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    """The checkpoint dict at ``uri`` (weights included) plus ``id``, its content hash."""
+    data = storage.read_bytes(uri)
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{uri} is not an exits checkpoint (format {FORMAT})")
+    obj["id"] = hashlib.sha256(data).hexdigest()[:12]
     return obj
 
 
@@ -69,17 +72,12 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
     """
     from exits.model.generator import build_generator, build_similarity_extractor
 
-    data = storage.read_bytes(uri)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{uri} is not an exits checkpoint (format {FORMAT})")
+    obj = read_checkpoint(uri)
     kwargs = dict(obj.get("builder_kwargs") or {})
     if obj["kind"] == "extractor":
         model = build_similarity_extractor(obj["builder"], freeze=True, **kwargs)
     else:
         kwargs.pop("attention_block", None)
         model = build_generator(obj["builder"], **kwargs)
-    model.load_state_dict(obj["state_dict"], strict=True)
-    info = {k: v for k, v in obj.items() if k != "state_dict"}
-    info["id"] = hashlib.sha256(data).hexdigest()[:12]
-    return model.to(device).eval(), info
+    model.load_state_dict(obj.pop("state_dict"), strict=True)
+    return model.to(device).eval(), obj

@@ -171,21 +171,17 @@ def describe_checkpoint(uri: str) -> dict[str, Any]:
     ``id`` is the content hash ``exits.checkpoints.load_model`` reports; ``input_size`` is the
     builder's ``img_size`` (from the checkpoint's builder kwargs, else the builder default).
     """
-    import io
-
+    from exits.checkpoints import read_checkpoint
     from exits.model.generator import GENERATORS
 
-    data = storage.read_bytes(uri)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "builder" not in obj:
-        raise ValueError(f"{uri} is not an exits checkpoint")
+    obj = read_checkpoint(uri)
     builder = obj["builder"]
     if builder not in GENERATORS:
         raise ValueError(f"{uri}: unknown builder {builder!r}; have {sorted(GENERATORS)}")
     size = (obj.get("builder_kwargs") or {}).get("img_size")
     if size is None:
         size = inspect.signature(GENERATORS[builder]).parameters["img_size"].default
-    return {"id": hashlib.sha256(data).hexdigest()[:12], "kind": obj.get("kind"),
+    return {"id": obj["id"], "kind": obj.get("kind"),
             "builder": builder, "input_size": int(size)}  # fmt: skip
 
 
