@@ -25,6 +25,7 @@ test: setup lint
 
 demo: setup
 	$(PY) jobs/pipeline.py --dataset demo --output runs/demo
+	@echo "report: $(CURDIR)/runs/demo/report/index.html  (metrics: runs/demo/metrics.json)"
 
 clean:
 	rm -rf runs demo_data .pytest_cache
