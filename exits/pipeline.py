@@ -171,6 +171,27 @@ def run_generator(cfg: PipelineConfig, run: str, fp: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- 1c
+def _fit_actor_pool(label_cfg):
+    """CPU-only pools must leave a CPU for the decode/paste tasks, or Ray Data stalls.
+
+    On a fixed-size cluster whose CPUs the actors would all take, shrink the pool (logged).
+    GPU actors and autoscaling clusters (more CPUs than now) are left alone.
+    """
+    import dataclasses
+
+    import ray
+
+    if label_cfg.use_gpu or label_cfg.gpus_per_actor > 0:
+        return label_cfg
+    cpus = ray.cluster_resources().get("CPU", 0)
+    fit = int((cpus - 1) // max(label_cfg.cpus_per_actor, 1e-9))
+    if 0 < fit < label_cfg.num_actors:
+        log.warning("label: %d CPU actor(s) on a %g-CPU cluster would starve decoding; using %d",
+                    label_cfg.num_actors, cpus, fit)  # fmt: skip
+        return dataclasses.replace(label_cfg, num_actors=fit)
+    return label_cfg
+
+
 def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
     from exits.data.coco import read_table
     from exits.export import export_coco
@@ -178,10 +199,11 @@ def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
 
     started = time.time()
     paths = data_paths(cfg, run)
+    label_cfg = _fit_actor_pool(cfg.label)
     summary = label_instances(
         _uri(run, "prepare", "instances.parquet"), paths["images"], _uri(run, "generator", "model.pt"), run,
-        cfg.crop, cfg.label, upstream_errors=read_table(_uri(run, "prepare", "errors.parquet")),
-        shard_images=cfg.label.shard_images,
+        cfg.crop, label_cfg, upstream_errors=read_table(_uri(run, "prepare", "errors.parquet")),
+        shard_images=label_cfg.shard_images,
     )  # fmt: skip
     coco = export_coco(
         _uri(run, "label", "masks"), paths["annotations"], _uri(run, "label", "pseudo_coco.json")
