@@ -17,12 +17,13 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import Tensor, nn
+
+from exits.storage import read_bytes  # local paths and s3:// URIs
 
 # Wrapper keys of common checkpoint layouts (MAE: {"model": ...}; Lightning: "state_dict").
 WRAPPER_KEYS = ("model", "state_dict")
@@ -105,19 +106,6 @@ def build_vit(
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
-def read_bytes(uri: str) -> bytes:
-    """Read a local path or URI (``s3://`` through ``exits.storage`` when available)."""
-    try:
-        from exits import storage  # optional at this layer: the storage module owns URIs
-    except ImportError:
-        storage = None
-    if storage is not None and hasattr(storage, "read_bytes"):
-        return storage.read_bytes(uri)
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"cannot read {uri!r}: exits.storage.read_bytes is not available")
-    return Path(uri.removeprefix("file://")).read_bytes()
-
-
 def parse_checkpoint(data: bytes, allow_pickle: bool = False) -> dict[str, Tensor]:
     """Bytes of a ``torch.save`` file → flat state dict (wrappers removed).
 
