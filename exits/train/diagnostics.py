@@ -13,10 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exits import retrieval
 from exits.config import RetrievalConfig
 from exits.data.transforms import normalize
-from exits.train.steps import grid_geometry, retrieve, similarity_matrix
+from exits.train.steps import (
+    grid_geometry,
+    labels_from_scores,
+    retrieval_scores,
+    retrieve,
+    similarity_matrix,
+)
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -49,9 +54,8 @@ def retrieval_stats(
         sim = similarity_matrix(
             rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
         )
-        labels = retrieve(sim, geo, rcfg)
-        T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
-        pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)
+        diff = retrieval_scores(sim, geo, rcfg)  # π_f − π_b, shared by labels and AUC
+        labels = labels_from_scores(diff, geo, rcfg) if rcfg.enabled else retrieve(sim, geo, rcfg)
         gt = F.adaptive_avg_pool2d(batch["gt"].float()[:, None], grid).flatten(1) >= 0.5  # (B, n)
         pseudo = geo.in_box & ~geo.fg & ~geo.bg
         fg_pred, bg_pred = (labels == 1) & pseudo, (labels == 0) & pseudo
@@ -61,7 +65,7 @@ def retrieval_stats(
         n_b += int(bg_pred.sum())
         gt_f += int((pseudo & gt).sum())
         gt_b += int((pseudo & ~gt).sum())
-        scores.append((pi_f - pi_b)[geo.in_box].cpu().numpy())
+        scores.append(diff[geo.in_box].cpu().numpy())
         truth.append(gt[geo.in_box].cpu().numpy())
     s, t = np.concatenate(scores), np.concatenate(truth)
     return {

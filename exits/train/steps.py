@@ -110,6 +110,28 @@ def similarity_matrix(
 
 
 @torch.no_grad()
+def retrieval_scores(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 2-4: (B, n) π_f − π_b from the similarity S."""
+    T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
+    pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)
+    return pi_f - pi_b
+
+
+@torch.no_grad()
+def labels_from_scores(diff: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 5 with the configured threshold rule: (B, n) int8 pseudo point labels."""
+    if rcfg.threshold_rule == "relative":
+        tau_fg, tau_bg = retrieval.relative_thresholds(
+            diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile
+        )
+    elif rcfg.threshold_rule == "absolute":
+        tau_fg, tau_bg = retrieval.scale_thresholds(rcfg.tau_fg, rcfg.tau_bg, geo.grid * geo.grid)
+    else:
+        raise ValueError(f"unknown threshold_rule {rcfg.threshold_rule!r}")
+    return retrieval.label_points(diff, geo.fg, geo.bg, geo.in_box, tau_fg, tau_bg)
+
+
+@torch.no_grad()
 def retrieve(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
     """Eq. 2-5: (B, n) int8 pseudo point labels (before dropout).
 
@@ -120,18 +142,7 @@ def retrieve(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
         return retrieval.label_points(
             torch.zeros(geo.fg.shape, device=sim.device), geo.fg, geo.bg, geo.in_box, inf, -inf
         )
-    T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
-    pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)
-    diff = pi_f - pi_b
-    if rcfg.threshold_rule == "relative":
-        tau_fg, tau_bg = retrieval.relative_thresholds(
-            diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile
-        )
-    elif rcfg.threshold_rule == "absolute":
-        tau_fg, tau_bg = retrieval.scale_thresholds(rcfg.tau_fg, rcfg.tau_bg, geo.grid * geo.grid)
-    else:
-        raise ValueError(f"unknown threshold_rule {rcfg.threshold_rule!r}")
-    return retrieval.label_points(diff, geo.fg, geo.bg, geo.in_box, tau_fg, tau_bg)
+    return labels_from_scores(retrieval_scores(sim, geo, rcfg), geo, rcfg)
 
 
 def warmup_loss(extractor: nn.Module, batch: dict, lcfg: LossConfig) -> tuple[Tensor, dict]:
