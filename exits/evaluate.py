@@ -166,21 +166,17 @@ def lvis_ap(
     det_json: JsonLike | Sequence[Mapping[str, Any]],
     iou_types: Sequence[str] = IOU_TYPES,
 ) -> dict[str, dict[str, float]]:
-    """LVIS AP (``lvis`` package, federated evaluation with APr/APc/APf).
+    """LVIS AP with the ``lvis`` package's federated evaluation (AP, APr/APc/APf).
 
-    Falls back to :func:`mask_ap` (COCOeval, no federated handling) with a warning when the
-    optional ``lvis`` package is not installed; the result then carries ``"evaluator": "coco"``.
+    A detection of category c on image i counts only where c is verified for i: c is
+    annotated on i (a true or false positive) or listed in i's ``neg_category_ids`` (a false
+    positive); elsewhere it is ignored, unlike COCOeval.
     """
-    try:
-        from lvis import LVIS, LVISEval, LVISResults
-    except ImportError:
-        logger.warning(
-            "package 'lvis' not installed: LVIS json evaluated with COCOeval "
-            "(no federated negatives, no APr/APc/APf); `pip install lvis` for the LVIS metric"
-        )
-        out: dict[str, Any] = mask_ap(gt_json, det_json, iou_types)
-        out["evaluator"] = "coco"
-        return out
+    from lvis import LVIS, LVISEval, LVISResults
+
+    from exits.compat import lvis_numpy_compat
+
+    lvis_numpy_compat()
     results = detections_from(det_json)
     with tempfile.TemporaryDirectory(prefix="exits-lvis-") as tmp:
         gt_path = os.path.join(tmp, "gt.json")  # LVIS() reads a file

@@ -148,3 +148,56 @@ def test_cli_writes_metrics(gt: dict, tmp_path) -> None:
     assert metrics["metric"] == "coco"
     table = (out / "metrics.md").read_text()
     assert "| separated |" in table and "Retention" in table
+
+
+def lvis(anns: list[dict], neg: dict[int, list[int]]) -> dict:
+    """LVIS v1 json: 3 images, cat 1 frequent, cat 2 rare; ``neg`` = verified-absent cats."""
+    return {
+        "images": [
+            {
+                "id": i,
+                "file_name": f"{i}.png",
+                "height": H,
+                "width": W,
+                "neg_category_ids": neg.get(i, []),
+                "not_exhaustive_category_ids": [],
+            }
+            for i in (1, 2, 3)
+        ],  # fmt: skip
+        "categories": [
+            {"id": 1, "name": "a", "frequency": "f"},
+            {"id": 2, "name": "b", "frequency": "r"},
+        ],
+        "annotations": anns,
+    }
+
+
+def test_lvis_federated_ap_known_answers() -> None:
+    # image 1: an 'a'; image 2: a 'b'; image 3: an 'a'. Category 'b' is verified absent on
+    # image 1 (neg_category_ids) and unverified on image 3.
+    gt = lvis(
+        [ann(1, 1, square(10, 10, 10)), ann(2, 2, square(20, 20, 12), cat=2),
+         ann(3, 3, square(5, 5, 16))],
+        neg={1: [2]},
+    )  # fmt: skip
+    assert ev.is_lvis(gt)
+    self_ap = ev.lvis_ap(gt, gt, iou_types=("segm",))
+    assert self_ap["evaluator"] == "lvis" and self_ap["segm"]["AP"] == pytest.approx(1.0)
+
+    tp_b = ann(10, 2, square(20, 20, 12), cat=2, score=0.5)
+    truths = [ann(11, 1, square(10, 10, 10), score=1.0), ann(12, 3, square(5, 5, 16), score=1.0)]
+    # a higher-scored 'b' where 'b' is verified absent: false positive ranked first, so
+    # category 'b' has precision 1/2 at every recall -> AP_b 0.5, mean (1 + 0.5) / 2
+    fp_on_negative = ann(13, 1, square(40, 40, 10), cat=2, score=0.9)
+    res = ev.lvis_ap(gt, truths + [tp_b, fp_on_negative], iou_types=("segm",))["segm"]
+    assert res["AP"] == pytest.approx(0.75) and res["APr"] == pytest.approx(0.5)
+    assert res["APf"] == pytest.approx(1.0)
+    # the same detection on image 3 (where 'b' is unverified) is ignored by LVIS ...
+    ignored = ann(13, 3, square(40, 40, 10), cat=2, score=0.9)
+    assert ev.lvis_ap(gt, truths + [tp_b, ignored], iou_types=("segm",))["segm"][
+        "AP"
+    ] == pytest.approx(1.0)
+    # ... but counted as a false positive by COCOeval
+    assert ev.mask_ap(gt, truths + [tp_b, ignored], iou_types=("segm",))["segm"][
+        "AP"
+    ] == pytest.approx(0.75)

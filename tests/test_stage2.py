@@ -172,3 +172,43 @@ def test_annotations_on_s3_are_localised(s3_bucket, pseudo_json, demo_dataset, t
         assert json.load(f) == json.load(g)
     with pytest.raises(ValueError, match="local or shared"):
         build_stage2_config("mask_rcnn_r50", train_uri, val_uri, f"{s3_bucket}/img", str(tmp_path))
+
+
+def _as_lvis(coco_json: str, out: str, split: str) -> str:
+    """The demo json in LVIS v1 form: coco_url paths, category frequency, verified negatives."""
+    with open(coco_json) as f:
+        data = json.load(f)
+    for im in data["images"]:
+        im["coco_url"] = f"http://images.cocodataset.org/{split}/{im['file_name']}"
+        im["neg_category_ids"], im["not_exhaustive_category_ids"] = [], []
+    for cat in data["categories"]:
+        cat["frequency"] = "f"
+    with open(out, "w") as f:
+        json.dump(data, f)
+    return out
+
+
+def test_lvis_config_loads_lvis_v1_data(demo_dataset, tmp_path):
+    from mmdet.registry import DATASETS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    root = tmp_path / "lvis"
+    root.mkdir()
+    for split in ("train2017", "val2017"):  # LVIS v1 paths: <root>/<coco split>/<file>
+        os.symlink(demo_dataset["images"], root / split)
+    train = _as_lvis(demo_dataset["annotations"], str(tmp_path / "train.json"), "train2017")
+    val = _as_lvis(demo_dataset["val_annotations"], str(tmp_path / "val.json"), "val2017")
+    cfg = build_stage2_config(
+        "mask_rcnn_r50", train, val, str(root), str(tmp_path / "work"), max_iters=1,
+        dataset="lvis", image_size=IMAGE_SIZE,
+    )  # fmt: skip
+    assert cfg.train_dataloader.dataset.type == "LVISV1Dataset"
+    assert cfg.val_evaluator.type == "LVISMetric"
+    ds = DATASETS.build(cfg.train_dataloader.dataset)
+    with open(demo_dataset["annotations"]) as f:
+        n_train = len(json.load(f)["images"])
+    assert len(ds) == n_train
+    sample = ds[0]["data_samples"]
+    assert sample.img_path.startswith(str(root / "train2017"))
+    assert len(sample.gt_instances.masks) == len(sample.gt_instances.labels) > 0

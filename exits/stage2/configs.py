@@ -138,8 +138,6 @@ def set_data(
 ) -> None:
     """Point train at the pseudo-label json and val/test at the GT json; one metric."""
     dataset_type, metric_type = DATASETS[dataset]
-    if dataset == "lvis":
-        _require_lvis()
     for root in (images_root, val_images_root):
         if storage.is_s3(root):  # mmengine's file backends cannot read s3://
             raise ValueError(f"images must be on a local or shared filesystem, got {root}")
@@ -166,16 +164,6 @@ def set_data(
         collect_device="gpu",
     )
     cfg.test_evaluator = copy.deepcopy(cfg.val_evaluator)
-
-
-def _require_lvis() -> None:
-    try:
-        import lvis  # noqa: F401
-    except ImportError as e:  # LVISV1Dataset and LVISMetric both import it
-        raise ImportError(
-            "dataset 'lvis' needs the optional package 'lvis' (pip install lvis) for mmdet's "
-            "LVISV1Dataset/LVISMetric"
-        ) from e
 
 
 def apply_cpu_small(cfg: Config, profile: dict[str, Any], max_iters: int) -> None:

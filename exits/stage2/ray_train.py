@@ -45,6 +45,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 
 from exits import storage
+from exits.compat import lvis_numpy_compat
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
         torch.cuda.set_device(device)
         device_index = device.index
     register_mmengine_safe_globals()
+    lvis_numpy_compat()  # mmdet's LVISMetric runs lvis 0.5.3's LVISEval
     work_dir = tempfile.mkdtemp(prefix=f"{LOCAL_WORK_PREFIX}{config['name']}-r{rank}-")
     try:
         cfg = Config(config["cfg"])
