@@ -1,18 +1,18 @@
 """Retention benchmark on the demo set: Mask R-CNN trained on EXITS / box-only / GT masks.
 
 Usage:
-    python bench/retention.py [--seed N] [--quick] [--exits-json P] [--box-only-json P]
+    python bench/retention.py [--seed N] [--quick] [--exits-run DIR] [--box-only-run DIR]
 
-Trains the same Mask R-CNN R50-FPN (``cpu_small`` profile, from scratch, same schedule and
-seed) three times through :func:`exits.stage2.train_stage2` (Ray Train, CPU workers) on the
-train split of the synthetic demo set, with masks from (a) the EXITS pseudo-label json,
-(b) a box-only pseudo-label json, (c) the GT, and scores each on the GT val split with
-COCOeval (segm AP). Retention = AP(a) / AP(c).
-
-Without ``--box-only-json`` the box-only masks are the boxes themselves (box-as-mask);
-without ``--exits-json`` the EXITS run is skipped and reported as null with a note. Both
-jsons must be pseudo-label jsons of the demo train split written with the same
-``--num-images/--image-size/--data-seed``.
+1. Pseudo-labels the demo train split twice with the pipeline's own stages
+   (``prepare`` → ``warmup`` → ``generator`` → ``label``, :func:`exits.pipeline.run_pipeline`):
+   (a) EXITS (the ``demo`` profile as configured) and (b) the box-only ablation
+   (``loss.objective=box_only``: MIL + CRF, no point/retrieval term). A run directory that
+   already holds those stages with the same config (e.g. ``runs/demo`` after ``make demo``)
+   is reused, not redone (manifest fingerprints).
+2. Trains the demo profile's stage-2 model (Mask R-CNN R50-FPN, ``cpu_small``, from scratch)
+   three times through :func:`exits.stage2.train_stage2` (Ray Train, CPU workers) with the
+   same schedule and seed on (a), (b) and (c) the GT masks, and scores each on the GT val
+   split with COCOeval (segm AP). Retention = AP(a) / AP(c).
 
 The last stdout line is one JSON object:
 ``{"ap": {"exits": .., "box_only": .., "gt": ..}, "retention": .., ...}``.
@@ -29,61 +29,52 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-from exits.data.synthetic import write_demo_dataset
-from exits.evaluate import mask_ap, retention
+from exits.config import load_config
+from exits.evaluate import mask_ap, pseudo_label_miou, retention
+from exits.pipeline import run_pipeline
 from exits.stage2 import build_stage2_config, train_stage2
+from exits.stage2.pipeline import batch_override
 from exits.stage2.ray_train import PREDICTIONS_DIR
 
-MODEL = "mask_rcnn_r50"
-# ResNet depth → FPN input channels (a lighter backbone trains more steps in the budget)
+LABEL_STAGES = {
+    "exits": ["prepare", "warmup", "generator", "label"],
+    # box-only needs no warm-up: its generator loss has no retrieval term
+    "box_only": ["prepare", "generator", "label"],
+}
+OBJECTIVE_OVERRIDES = {"exits": [], "box_only": ["loss.objective=box_only"]}
+# ResNet depth → FPN input channels
 FPN_IN_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
-# full run: sized to finish the three trainings within 30 min on 2 cores
-# (estimate: ~2 s/step for 2 workers x 2 images at 128 px on an idle 2-core machine)
-FULL = dict(num_images=64, image_size=128, max_iters=200, checkpoint_interval=100)
-QUICK = dict(num_images=12, image_size=96, max_iters=4, checkpoint_interval=4)
+FULL = dict(config="demo", max_iters=300, checkpoint_interval=150)
+QUICK = dict(config="demo_quick", max_iters=4, checkpoint_interval=4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="training seed (same for all runs)")
-    p.add_argument("--data-seed", type=int, default=0, help="demo-set seed")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes)")
-    p.add_argument("--exits-json", help="EXITS pseudo-label json of the demo train split")
-    p.add_argument("--box-only-json", help="box-only pseudo-label json of the demo train split")
-    p.add_argument("--num-images", type=int, help="demo images (train + val)")
-    p.add_argument("--image-size", type=int, help="demo image side, px")
-    p.add_argument("--max-iters", type=int, help="training iterations per run")
-    p.add_argument("--num-workers", type=int, default=2, help="Ray Train CPU workers")
+    p.add_argument("--seed", type=int, default=0, help="stage-2 training seed (same for all runs)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (demo_quick, 4 iterations)")
+    p.add_argument("--exits-run", help="pipeline run dir for the EXITS pseudo-labels (reused)")
+    p.add_argument("--box-only-run", help="pipeline run dir for the box-only pseudo-labels")
+    p.add_argument("--set", action="append", default=[], help="pipeline config override k=v")
+    p.add_argument("--max-iters", type=int, help="stage-2 iterations per run")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (default: the config's)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--depth", type=int, default=50, choices=sorted(FPN_IN_CHANNELS), help="ResNet")
-    p.add_argument("--work-dir", help="where data and runs go (default: a temp dir)")
+    p.add_argument("--runs", default="exits,box_only,gt", help="comma list of runs to train")
+    p.add_argument("--work-dir", help="where runs go (default: a temp dir)")
     return p.parse_args(argv)
 
 
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    r["counts"] = r["counts"].decode("ascii")
-    return r
-
-
-def box_as_mask_json(gt_json: str, out_path: str) -> str:
-    """Pseudo-label json whose masks are the GT boxes filled (the box-only floor)."""
-    with open(gt_json) as f:
-        data = json.load(f)
-    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
-    for ann in data["annotations"]:
-        h, w = sizes[ann["image_id"]]
-        x, y, bw, bh = ann["bbox"]
-        mask = np.zeros((h, w), np.uint8)
-        mask[int(y) : int(np.ceil(y + bh)), int(x) : int(np.ceil(x + bw))] = 1
-        ann["segmentation"] = _rle(mask)
-        ann["area"] = float(mask.sum())
-        ann["score"] = 1.0
-    with open(out_path, "w") as f:
-        json.dump(data, f)
-    return out_path
+def pseudo_labels(config: str, overrides: list[str], run_dir: str, kind: str) -> dict[str, Any]:
+    """Run the pipeline's labelling stages for ``kind`` in ``run_dir``; paths + timing."""
+    cfg = load_config(config, overrides + OBJECTIVE_OVERRIDES[kind])
+    start = time.time()
+    res = run_pipeline(cfg, run_dir, stages=LABEL_STAGES[kind])
+    return {
+        "pseudo_json": res["label"]["pseudo_json"],
+        "data": res["prepare"]["data"],
+        "seconds": round(time.time() - start, 1),
+        "cfg": cfg,
+    }
 
 
 def check_pseudo_json(pseudo_json: str, gt_json: str) -> None:
@@ -92,45 +83,47 @@ def check_pseudo_json(pseudo_json: str, gt_json: str) -> None:
         pseudo_ids = {im["id"] for im in json.load(f)["images"]}
         gt_ids = {im["id"] for im in json.load(g)["images"]}
     if pseudo_ids != gt_ids:
-        raise ValueError(f"{pseudo_json}: images differ from the demo train split {gt_json}")
+        raise ValueError(f"{pseudo_json}: images differ from the train split {gt_json}")
 
 
 def train_and_score(
-    train_json: str,
-    data: dict[str, Any],
-    run_root: str,
-    name: str,
-    args: argparse.Namespace,
-    scale: dict,
-) -> float:
-    """Train Mask R-CNN on ``train_json``; COCOeval segm AP of its final val predictions."""
+    train_json: str, data: dict[str, Any], s2cfg: Any, runs: str, name: str, args, scale: dict
+) -> dict[str, float]:
+    """Train the stage-2 model on ``train_json``; COCOeval of its final val predictions."""
+    start = time.time()
     cfg = build_stage2_config(
-        MODEL,
+        s2cfg.model,
         train_json=train_json,
         val_json=data["val_annotations"],
         images_root=data["images"],
-        work_dir=os.path.join(run_root, "work", name),
-        profile="cpu_small",
+        val_images_root=data["val_images"],
+        work_dir=os.path.join(runs, "work", name),
+        profile=s2cfg.profile,
         max_iters=scale["max_iters"],
         dataset="demo",
-        image_size=scale["image_size"],
+        image_size=s2cfg.image_size or None,
         seed=args.seed,
         **{
             "default_hooks.checkpoint.interval": scale["checkpoint_interval"],
             "model.backbone.depth": args.depth,
             "model.neck.in_channels": FPN_IN_CHANNELS[args.depth],
+            **batch_override(s2cfg),
         },
     )
     result = train_stage2(
         cfg,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers or s2cfg.num_workers,
         use_gpu=False,
-        storage_path=run_root,
+        storage_path=runs,
         name=name,
         resume=False,
+        cpus_per_worker=s2cfg.cpus_per_worker,
     )
+    if result.error is not None:
+        raise RuntimeError(f"stage-2 run {name} failed: {result.error}")
     preds = os.path.join(result.path, PREDICTIONS_DIR, f"val_iter_{scale['max_iters']}.segm.json")
-    return mask_ap(data["val_annotations"], preds, iou_types=("segm",))["segm"]["AP"]
+    stats = mask_ap(data["val_annotations"], preds, iou_types=("segm",))["segm"]
+    return {"AP": stats["AP"], "AP50": stats["AP50"], "seconds": round(time.time() - start, 1)}
 
 
 def _ratio(ap_pseudo: float | None, ap_gt: float | None) -> float | None:
@@ -145,58 +138,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     scale = dict(QUICK if args.quick else FULL)
-    for key in ("num_images", "image_size", "max_iters"):
-        if getattr(args, key) is not None:
-            scale[key] = getattr(args, key)
+    if args.max_iters is not None:
+        scale["max_iters"] = args.max_iters
+        scale["checkpoint_interval"] = max(1, args.max_iters // 2)
     root = args.work_dir or tempfile.mkdtemp(prefix="exits-retention-")
+    wanted = args.runs.split(",")
     start = time.time()
-    data = write_demo_dataset(
-        os.path.join(root, "data"), scale["num_images"], scale["image_size"], seed=args.data_seed
-    )
-    gt_train = data["annotations"]
-    box_json = args.box_only_json or box_as_mask_json(
-        gt_train, os.path.join(root, "box_as_mask.json")
-    )
-    sources: dict[str, str | None] = {
-        "exits": args.exits_json,
-        "box_only": box_json,
-        "gt": gt_train,
-    }
-    for path in (args.exits_json, args.box_only_json):
-        if path:
-            check_pseudo_json(path, gt_train)
 
     import ray
 
-    ray.init(
-        address="local", num_cpus=args.num_workers, include_dashboard=False, log_to_driver=False
-    )
-    runs = os.path.join(root, "runs")
-    ap: dict[str, float | None] = {}
-    for key, train_json in sources.items():
-        ap[key] = (
-            None
-            if train_json is None
-            else train_and_score(train_json, data, runs, key, args, scale)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    labels = {
+        kind: pseudo_labels(
+            scale["config"],
+            args.set,
+            getattr(args, f"{kind}_run") or os.path.join(root, kind),
+            kind,
         )
+        for kind in ("exits", "box_only")
+        if kind in wanted
+    }
+    data = next(iter(labels.values()))["data"] if labels else None
+    if data is None:  # GT only: the demo data of a prepare-only run
+        cfg = load_config(scale["config"], args.set)
+        data = run_pipeline(cfg, os.path.join(root, "gt"), stages=["prepare"])["prepare"]["data"]
+    gt_train = data["annotations"]
+    sources = {kind: labels[kind]["pseudo_json"] for kind in labels} | {"gt": gt_train}
+    for kind in labels:
+        check_pseudo_json(sources[kind], gt_train)
+    s2cfg = load_config(scale["config"], args.set).stage2
+    runs = os.path.join(root, "stage2")
+    scores = {
+        k: train_and_score(src, data, s2cfg, runs, k, args, scale)
+        for k, src in sources.items()
+        if k in wanted
+    }
     ray.shutdown()
 
-    notes = []
-    if args.exits_json is None:
-        notes.append("no --exits-json: EXITS run skipped (pseudo-labelling output not given)")
-    if args.box_only_json is None:
-        notes.append("box_only = box-as-mask (no --box-only-json)")
+    ap = {k: (scores[k]["AP"] if k in scores else None) for k in ("exits", "box_only", "gt")}
     out = {
         "ap": ap,
         "retention": _ratio(ap["exits"], ap["gt"]),
         "retention_box_only": _ratio(ap["box_only"], ap["gt"]),
+        "ap50": {k: v["AP50"] for k, v in scores.items()},
+        "pseudo_label_miou": {
+            k: pseudo_label_miou(gt_train, v["pseudo_json"])["all"]["miou"]
+            for k, v in labels.items()
+        },
+        "seconds_label": {k: v["seconds"] for k, v in labels.items()},
+        "seconds_stage2": {k: v["seconds"] for k, v in scores.items()},
         "seed": args.seed,
-        "model": MODEL,
+        "model": s2cfg.model,
         "depth": args.depth,
         **scale,
-        "num_workers": args.num_workers,
+        "num_workers": args.num_workers or s2cfg.num_workers,
+        "cpus_per_worker": s2cfg.cpus_per_worker,
+        "batch_size": s2cfg.batch_size,
         "seconds": round(time.time() - start, 1),
-        "note": "; ".join(notes) or None,
     }
     print(json.dumps(out))
     return out

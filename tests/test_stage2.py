@@ -134,6 +134,11 @@ def test_configs_set_classes_and_small_profile(pseudo_json, demo_dataset, tmp_pa
     assert cfg.model.data_preprocessor.batch_augments[0]["size"] == (IMAGE_SIZE, IMAGE_SIZE)
     assert cfg.model.backbone.init_cfg is None
     assert cfg.train_cfg == {"type": "IterBasedTrainLoop", "max_iters": 3, "val_interval": 3}
+    # mmdet 1x decays at epochs 8 and 11 of 12: iterations 8 and 11 of 12
+    twelve = _config("mask_rcnn_r50", pseudo_json, demo_dataset, str(tmp_path), 12)
+    assert [s["type"] for s in twelve.param_scheduler] == ["LinearLR", "MultiStepLR"]
+    assert twelve.param_scheduler[1]["milestones"] == [8, 11]
+    assert twelve.model.train_cfg.rcnn.sampler.num == 32  # cpu_small: <= 4 objects per image
     assert cfg.train_dataloader.dataset.ann_file == os.path.abspath(pseudo_json)
     assert cfg.val_evaluator.ann_file == os.path.abspath(demo_dataset["val_annotations"])
 

@@ -41,6 +41,9 @@ DATASETS: dict[str, tuple[str, str]] = {
 }
 # cpu_small: linear warm-up from this fraction of the lr
 WARMUP_START_FACTOR = 1e-3
+# cpu_small: lr x0.1 at these fractions of max_iters (mmdet's 1x: epochs 8 and 11 of 12)
+LR_DECAY_AT = (8 / 12, 11 / 12)
+LR_DECAY_GAMMA = 0.1
 # cpu_small: checkpoints kept on the worker's local disk (the run directory keeps Ray's copies)
 MAX_KEEP_LOCAL_CKPTS = 2
 TEST_META_KEYS = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")
@@ -167,7 +170,7 @@ def set_data(
 
 
 def apply_cpu_small(cfg: Config, profile: dict[str, Any], max_iters: int) -> None:
-    """Small CPU profile: small pipelines, iteration loop, warm-up, val at the end."""
+    """Small CPU profile: small pipelines, iteration loop, warm-up + step decay, val at the end."""
     image_size = int(profile["image_size"])
     train_pipeline, test_pipeline = small_pipelines(image_size)
     cfg.train_dataloader.dataset.pipeline = train_pipeline
@@ -180,8 +183,10 @@ def apply_cpu_small(cfg: Config, profile: dict[str, Any], max_iters: int) -> Non
     warmup = min(int(profile["warmup_iters"]), max_iters)
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
     cfg.param_scheduler = [
-        dict(type="LinearLR", start_factor=WARMUP_START_FACTOR, by_epoch=False, begin=0, end=warmup)
-    ]
+        dict(type="LinearLR", start_factor=WARMUP_START_FACTOR, by_epoch=False, begin=0, end=warmup),
+        dict(type="MultiStepLR", by_epoch=False, begin=0, end=max_iters, gamma=LR_DECAY_GAMMA,
+             milestones=[max(1, round(f * max_iters)) for f in LR_DECAY_AT]),
+    ]  # fmt: skip
     cfg.default_hooks.checkpoint = dict(
         type="CheckpointHook",
         by_epoch=False,

@@ -25,6 +25,11 @@ def _local_json(uri: str, workdir: str, name: str) -> str:
     return path
 
 
+def batch_override(cfg: Stage2Config) -> dict[str, int]:
+    """mmengine override for the per-worker batch size (none: the profile's)."""
+    return {"train_dataloader.batch_size": cfg.batch_size} if cfg.batch_size > 0 else {}
+
+
 def train_and_evaluate(
     cfg: Stage2Config,
     dataset: str,
@@ -50,11 +55,12 @@ def train_and_evaluate(
     mm_cfg = build_stage2_config(
         cfg.model, train_local, val_local, images, os.path.join(workdir, "mmdet"),
         profile=cfg.profile, max_iters=cfg.max_iters or None, dataset=DATASET_KINDS.get(dataset, "coco"),
-        val_images_root=val_images, image_size=cfg.image_size or None,
+        val_images_root=val_images, image_size=cfg.image_size or None, **batch_override(cfg),
     )  # fmt: skip
     result = train_stage2(
-        mm_cfg, cfg.num_workers, cfg.use_gpu, storage.join(work_uri, "ray"), "train", resume=True
-    )
+        mm_cfg, cfg.num_workers, cfg.use_gpu, storage.join(work_uri, "ray"), "train", resume=True,
+        cpus_per_worker=cfg.cpus_per_worker,
+    )  # fmt: skip
     if result.error is not None:
         raise RuntimeError(f"stage 2 failed: {result.error}")
     return {
