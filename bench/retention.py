@@ -44,24 +44,44 @@ LABEL_STAGES = {
 OBJECTIVE_OVERRIDES = {"exits": [], "box_only": ["loss.objective=box_only"]}
 # ResNet depth → FPN input channels
 FPN_IN_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
-FULL = dict(config="demo", max_iters=300, checkpoint_interval=150)
-QUICK = dict(config="demo_quick", max_iters=4, checkpoint_interval=4)
+RUNS = ("exits", "box_only", "gt")
+# the pipeline profile whose data, labelling and stage-2 schedule the bench uses
+FULL_CONFIG, QUICK_CONFIG = "demo", "demo_quick"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="stage-2 training seed (same for all runs)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (demo_quick, 4 iterations)")
-    p.add_argument("--exits-run", help="pipeline run dir for the EXITS pseudo-labels (reused)")
+    p.add_argument(
+        "--exits-run",
+        help="pipeline run dir for the EXITS pseudo-labels (reused when its labelling stages "
+        "match the config; with --set they are redone there and overwrite that run's stages)",
+    )
     p.add_argument("--box-only-run", help="pipeline run dir for the box-only pseudo-labels")
     p.add_argument("--set", action="append", default=[], help="pipeline config override k=v")
-    p.add_argument("--max-iters", type=int, help="stage-2 iterations per run")
+    p.add_argument("--max-iters", type=int, help="stage-2 iterations per run (default: config's)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (default: the config's)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--depth", type=int, default=50, choices=sorted(FPN_IN_CHANNELS), help="ResNet")
-    p.add_argument("--runs", default="exits,box_only,gt", help="comma list of runs to train")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list of runs from {RUNS}")
     p.add_argument("--work-dir", help="where runs go (default: a temp dir)")
     return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace, s2cfg: Any) -> list[str]:
+    """The runs to train; fail fast on unknown run names and on workers that cannot fit."""
+    wanted = [r for r in args.runs.split(",") if r]
+    unknown = sorted(set(wanted) - set(RUNS))
+    if unknown or not wanted:
+        raise ValueError(f"--runs: unknown {unknown or wanted}; choose from {RUNS}")
+    need = (args.num_workers or s2cfg.num_workers) * s2cfg.cpus_per_worker
+    if need > args.num_cpus:
+        raise ValueError(
+            f"stage 2 needs {need} CPUs (workers x stage2.cpus_per_worker) but the local Ray "
+            f"instance has --num-cpus {args.num_cpus}: Ray Train would wait forever"
+        )
+    return wanted
 
 
 def pseudo_labels(config: str, overrides: list[str], run_dir: str, kind: str) -> dict[str, Any]:
@@ -137,12 +157,12 @@ def _ratio(ap_pseudo: float | None, ap_gt: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    scale = dict(QUICK if args.quick else FULL)
-    if args.max_iters is not None:
-        scale["max_iters"] = args.max_iters
-        scale["checkpoint_interval"] = max(1, args.max_iters // 2)
+    config = QUICK_CONFIG if args.quick else FULL_CONFIG
+    s2cfg = load_config(config, args.set).stage2
+    wanted = validate(args, s2cfg)
+    max_iters = args.max_iters or s2cfg.max_iters
+    scale = dict(config=config, max_iters=max_iters, checkpoint_interval=max(1, max_iters // 2))
     root = args.work_dir or tempfile.mkdtemp(prefix="exits-retention-")
-    wanted = args.runs.split(",")
     start = time.time()
 
     import ray
@@ -166,7 +186,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sources = {kind: labels[kind]["pseudo_json"] for kind in labels} | {"gt": gt_train}
     for kind in labels:
         check_pseudo_json(sources[kind], gt_train)
-    s2cfg = load_config(scale["config"], args.set).stage2
     runs = os.path.join(root, "stage2")
     scores = {
         k: train_and_score(src, data, s2cfg, runs, k, args, scale)

@@ -131,7 +131,8 @@ class Stage2Config:
     profile: str = "full"  # full (mmdet schedule) | cpu_small
     max_iters: int = 0  # >0 overrides the schedule (cpu_small)
     num_workers: int = 1
-    cpus_per_worker: int = 1  # CPU threads per Ray Train worker
+    cpus_per_worker: int = 1  # CPUs reserved per Ray Train worker (its torch threads on CPU;
+    # on GPU nodes: room for mmdet's dataloader processes)
     batch_size: int = 0  # images per worker and step (0: the profile's)
     use_gpu: bool = False
     image_size: int = 0  # cpu_small resize (0: profile default)

@@ -331,7 +331,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
         torch.cuda.set_device(device)
         device_index = device.index
     register_mmengine_safe_globals()
-    lvis_numpy_compat()  # mmdet's LVISMetric runs lvis 0.5.3's LVISEval
+    if config["cfg"].get("exits_stage2", {}).get("dataset") == "lvis":
+        lvis_numpy_compat()  # mmdet's LVISMetric runs lvis 0.5.3's LVISEval
     work_dir = tempfile.mkdtemp(prefix=f"{LOCAL_WORK_PREFIX}{config['name']}-r{rank}-")
     try:
         cfg = Config(config["cfg"])
