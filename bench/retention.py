@@ -93,7 +93,6 @@ def pseudo_labels(config: str, overrides: list[str], run_dir: str, kind: str) ->
         "pseudo_json": res["label"]["pseudo_json"],
         "data": res["prepare"]["data"],
         "seconds": round(time.time() - start, 1),
-        "cfg": cfg,
     }
 
 
@@ -158,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     config = QUICK_CONFIG if args.quick else FULL_CONFIG
-    s2cfg = load_config(config, args.set).stage2
+    cfg = load_config(config, args.set)
+    s2cfg = cfg.stage2
     wanted = validate(args, s2cfg)
     max_iters = args.max_iters or s2cfg.max_iters
     scale = dict(config=config, max_iters=max_iters, checkpoint_interval=max(1, max_iters // 2))
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     labels = {
         kind: pseudo_labels(
-            scale["config"],
+            config,
             args.set,
             getattr(args, f"{kind}_run") or os.path.join(root, kind),
             kind,
@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in ("exits", "box_only")
         if kind in wanted
     }
-    data = next(iter(labels.values()))["data"] if labels else None
-    if data is None:  # GT only: the demo data of a prepare-only run
-        cfg = load_config(scale["config"], args.set)
+    if labels:
+        data = next(iter(labels.values()))["data"]
+    else:  # GT only: the demo data of a prepare-only run
         data = run_pipeline(cfg, os.path.join(root, "gt"), stages=["prepare"])["prepare"]["data"]
     gt_train = data["annotations"]
     sources = {kind: labels[kind]["pseudo_json"] for kind in labels} | {"gt": gt_train}

@@ -118,9 +118,8 @@ class LabelConfig:
     use_gpu: bool = False
     images_per_block: int = 8  # images per CPU decode/crop batch
     shard_images: int = 64  # images per output shard: the commit/resume unit of stage 1c
-    fail_after_batches: int = (
-        -1
-    )  # fault injection (tests): the driver stops after K > 0 result batches
+    # fault injection (tests): the driver stops after K > 0 result batches
+    fail_after_batches: int = -1
 
 
 @dataclass
