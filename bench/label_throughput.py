@@ -230,14 +230,17 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=10, help="dataset growth for the RSS runs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rss-only", action="store_true", help="skip the throughput runs")
+    p.add_argument("--generator", default="vit_tiny_demo", help="GENERATORS key")
+    p.add_argument("--crop-size", type=int, default=CROP_SIZE)
     args = p.parse_args()
 
     root = tempfile.mkdtemp(prefix="exits-bench-label-")
     torch.manual_seed(0)
     checkpoint = os.path.join(root, "generator.pt")
-    save_model(checkpoint, build_generator("vit_tiny_demo", img_size=CROP_SIZE), "vit_tiny_demo",
-               "generator", {"img_size": CROP_SIZE})  # fmt: skip
-    crop = CropConfig(size=CROP_SIZE)
+    size = args.crop_size
+    save_model(checkpoint, build_generator(args.generator, img_size=size), args.generator,
+               "generator", {"img_size": size})  # fmt: skip
+    crop = CropConfig(size=size)
     cfg1 = LabelConfig(batch_size=args.batch_size, num_actors=1, images_per_block=8)
     cfg2 = LabelConfig(batch_size=args.batch_size, num_actors=2, images_per_block=8)
     out: dict = {}
@@ -260,7 +263,8 @@ def main() -> None:
         **out,
         "rss_small": {"images": args.rss_images, **rss_small},
         "rss_big": {"images": args.rss_images * args.scale, **rss_big},
-        "crop_size": CROP_SIZE,
+        "generator": args.generator,
+        "crop_size": size,
         "batch_size": args.batch_size,
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),

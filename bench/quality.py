@@ -1,9 +1,16 @@
-"""Pseudo-label quality on the demo set: EXITS vs its ablations and classical baselines.
+"""Pseudo-label quality: EXITS vs its ablations and classical baselines, synthetic or real photos.
 
-Usage: python bench/quality.py [--seed N] [--images 160] [--epochs 12] [--workers 2]
+Usage: python bench/quality.py [--data demo|coco_mini] [--split heldout|tune] [--seed N]
+                               [--images 160] [--epochs 12] [--workers 2] [--retrieval-only]
 
-Trains on the synthetic demo set's train split (seeded) and evaluates pasted-back masks on the
-held-out val split: mIoU overall and on the separated subset (GT mask with >= 2 components) for
+--data demo (default): the synthetic demo set (seeded), demo profile, 25 % of images held out.
+--data coco_mini: 128 real COCO photos (../shared/data/coco_train128), coco_mini profile
+  (pretrained DINOv2 ViT-S/14); --split heldout trains on 96 images and evaluates on the 32
+  held-out ones; --split tune trains on 72 of the 96 and evaluates on the other 24 (for
+  choosing settings without touching the 32).
+
+Trains stage 1a/1b and evaluates pasted-back masks on the evaluation images: mIoU overall and
+on the separated subset (GT mask with >= 2 components) for
   exits           the demo profile (configs/datasets/demo.yaml)
   box_only        same code, MAL's box-only objective (MIL + CRF)
   initial_points  EXITS supervised by the initial points only (no retrieval; paper Table 5 row 2)
@@ -29,11 +36,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from exits import storage  # noqa: E402
 from exits.checkpoints import load_model  # noqa: E402
 from exits.config import load_config  # noqa: E402
 from exits.data.coco import load_instances, write_table  # noqa: E402
 from exits.data.images import load_image  # noqa: E402
+from exits.data.split import TUNE_SALT, split_coco  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
+from exits.retrieval import EXTRACTOR_SOURCES  # noqa: E402
 from exits.train.data import CropDataset, CropSpec, row_box  # noqa: E402
 from exits.train.diagnostics import retrieval_stats  # noqa: E402
 from exits.train.loops import loop_config  # noqa: E402
@@ -81,6 +91,26 @@ def baseline_masks(table, images: str, kind: str):
         yield row, m
 
 
+SOURCES = ("spatial", "bilateral", "attention", "attention_x_bilateral", "tokens",
+           "tokens_x_bilateral")  # fmt: skip
+
+
+def real_photo_split(cfg, split: str, out: str) -> dict:
+    """Training / evaluation jsons of a real-photo profile (exits.data.split, by image id):
+    heldout = (train part, held-out part); tune = a second split inside the train part."""
+    coco = json.loads(storage.read_bytes(cfg.data.annotations))
+    train, held = split_coco(coco, cfg.data.holdout_images, cfg.data.holdout_salt)
+    if split == "tune":
+        train, held = split_coco(train, len(train["images"]) // 4, TUNE_SALT)
+    os.makedirs(out, exist_ok=True)
+    paths = {"images": cfg.data.images}
+    for key, part in (("annotations", train), ("val_annotations", held)):
+        paths[key] = os.path.join(out, f"{key}.json")
+        with open(paths[key], "w") as f:
+            json.dump(part, f)
+    return paths
+
+
 def summarise(res: dict) -> dict:
     return {"all": round(res["all"]["miou"], 4), "separated": round(res["separated"]["miou"], 4),
             "count": res["all"]["count"], "separated_count": res["separated"]["count"]}  # fmt: skip
@@ -88,10 +118,17 @@ def summarise(res: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=("demo", "coco_mini"), default="demo")
+    p.add_argument("--split", choices=("heldout", "tune"), default="heldout")
+    p.add_argument("--profile", default=None, help="config profile (default: the --data name)")
+    p.add_argument("--retrieval-only", action="store_true", help="stop after the retrieval table")
+    p.add_argument(
+        "--variants", default="exits,box_only,initial_points", help="trained variants to run"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=160, help="demo images (25%% held out)")
     p.add_argument("--epochs", type=int, default=None, help="generator epochs (default: demo.yaml)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override for all runs"
     )
@@ -101,21 +138,26 @@ def main() -> None:
     import ray
 
     t0 = time.time()
-    cfg = load_config("demo", args.overrides)
-    cfg.warmup.num_workers = cfg.generator.num_workers = args.workers
+    cfg = load_config(args.profile or args.data, args.overrides)
+    if args.workers:
+        cfg.warmup.num_workers = cfg.generator.num_workers = args.workers
+    workers = max(cfg.warmup.num_workers, cfg.generator.num_workers)
     cfg.warmup.seed = cfg.generator.seed = args.seed
     if args.epochs:
         cfg.generator.epochs = args.epochs
     out = args.out or tempfile.mkdtemp(prefix="exits-quality-")
-    data = write_demo_dataset(
-        os.path.join(out, "data"), args.images, cfg.data.synthetic_image_size, args.seed
-    )
+    if args.data == "demo":
+        data = write_demo_dataset(
+            os.path.join(out, "data"), args.images, cfg.data.synthetic_image_size, args.seed
+        )
+    else:
+        data = real_photo_split(cfg, args.split, os.path.join(out, "data"))
     train, _ = load_instances(data["annotations"], data["images"])
     val, _ = load_instances(data["val_annotations"], data["images"])
     write_table(train, os.path.join(out, "instances.parquet"))
     ray.init(
         address="local",
-        num_cpus=max(2, args.workers),
+        num_cpus=max(2, workers),
         include_dashboard=False,
         object_store_memory=300 * 1024**2,
     )
@@ -141,20 +183,35 @@ def main() -> None:
     spec = CropSpec(size=cfg.crop.size, train=False, inference_enlarge=cfg.crop.inference_enlarge)
     loader = torch.utils.data.DataLoader(CropDataset(val, data["images"], spec), batch_size=32)
     retrieval = {}
-    for source in ("spatial", "bilateral", "attention", "attention_x_bilateral"):
-        for rule in ("absolute", "relative"):
-            rc = replace(cfg.retrieval, similarity=source, threshold_rule=rule)
-            st = retrieval_stats(loader, extractor.grid, rc, extractor=extractor)
-            retrieval[f"{source}/{rule}"] = {k: round(v, 4) for k, v in st.items()}
+    t = time.time()
+    blocks = sorted({extractor.attention_block, extractor.encoder.depth - 1})
+    for source in SOURCES:
+        for block in blocks if "attention" in source else [extractor.attention_block]:
+            extractor.attention_block = block
+            for rule in ("absolute", "relative"):
+                rc = replace(cfg.retrieval, similarity=source, threshold_rule=rule)
+                st = retrieval_stats(loader, extractor.grid, rc, extractor=extractor)
+                key = f"{source}@{block}/{rule}" if "attention" in source else f"{source}/{rule}"
+                retrieval[key] = {k: round(v, 4) for k, v in st.items()}
+    extractor.attention_block = (
+        blocks[0] if cfg.model.attention_block is None else cfg.model.attention_block
+    )
+    timings["retrieval_table"] = round(time.time() - t, 1)
+    if args.retrieval_only:
+        ray.shutdown()
+        print(json.dumps({"retrieval": retrieval, "data": args.data, "split": args.split,
+                          "val_instances": val.num_rows, "timings": timings}))  # fmt: skip
+        return
 
-    variants = {
+    all_variants = {
         "exits": cfg,
         "box_only": replace(cfg, loss=replace(cfg.loss, objective="box_only")),
         "initial_points": replace(cfg, retrieval=replace(cfg.retrieval, enabled=False)),
     }
+    variants = {k: all_variants[k] for k in args.variants.split(",")}
     miou, heldout = {}, {}
     for name, c in variants.items():
-        ext = extractor_uri if c.retrieval.similarity.startswith("attention") else None
+        ext = extractor_uri if c.retrieval.similarity in EXTRACTOR_SOURCES else None
         model, _ = load_model(train_stage("generator", name, c, ext))
         res = evaluate_generator(
             model, val, data["images"], c.crop.size, c.crop.inference_enlarge, c.label.threshold
@@ -169,11 +226,16 @@ def main() -> None:
         "miou": miou,
         "retrieval": retrieval,
         "seed": args.seed,
-        "images": args.images,
+        "data": args.data,
+        "profile": args.profile or args.data,
+        "split": args.split,
+        "images": args.images if args.data == "demo" else None,
         "train_instances": train.num_rows,
         "val_instances": val.num_rows,
         "val_separated": int(sum(bool(s) for s in val["separated"].to_pylist())),
         "config": {
+            "generator": cfg.model.generator,
+            "trainable_blocks": cfg.model.trainable_blocks,
             "similarity": cfg.retrieval.similarity,
             "threshold_rule": cfg.retrieval.threshold_rule,
             "generator_epochs": cfg.generator.epochs,

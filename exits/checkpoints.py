@@ -74,6 +74,7 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
 
     obj = read_checkpoint(uri)
     kwargs = dict(obj.get("builder_kwargs") or {})
+    kwargs["pretrained"] = False  # the state dict below holds every weight
     if obj["kind"] == "extractor":
         model = build_similarity_extractor(obj["builder"], freeze=True, **kwargs)
     else:

@@ -31,6 +31,12 @@ class DataConfig:
     synthetic_image_size: int = 128
     synthetic_seed: int = 0
     max_instances: int = 0  # >0: keep only the first N instances (quick runs)
+    # >0 and no val_annotations: hold out this many images of the train json for evaluation
+    # (deterministic by image id, exits.data.split); the rest is the training set
+    holdout_images: int = 0
+    holdout_salt: str = (
+        "holdout"  # another salt = another split (e.g. "tune" inside the train part)
+    )
 
 
 @dataclass
@@ -50,6 +56,8 @@ class ModelConfig:
     generator: str = "vit_base_mae"  # exits.model.generator.GENERATORS key
     encoder_checkpoint: str | None = None  # pretrained ViT (e.g. MAE ViT-B/16) path or URI
     attention_block: int | None = None  # 0-based block for the similarity (None: builder default)
+    # encoder blocks that train (last k + final norm): -1 all, 0 frozen encoder (CPU runs)
+    trainable_blocks: int = -1
 
 
 @dataclass
@@ -57,7 +65,8 @@ class RetrievalConfig:
     """Point retrieval (Sec. 3.2.2) and the similarity source behind the transition matrix."""
 
     enabled: bool = True  # False: supervise with the initial points only (paper Table 5, row 2)
-    similarity: str = "attention"  # attention | bilateral | spatial | attention_x_bilateral
+    # attention | bilateral | spatial | attention_x_bilateral | tokens | tokens_x_bilateral
+    similarity: str = "attention"
     sinkhorn_iters: int = 50
     hops: int = 3  # alpha
     threshold_rule: str = "absolute"  # absolute (paper, scaled by 1024/n) | relative (quantiles)
@@ -69,6 +78,7 @@ class RetrievalConfig:
     dropout: float = 0.9  # point dropout rate, resampled every step
     bilateral_theta_pos: float = 1.5  # patch cells
     bilateral_theta_col: float = 10.0  # CIELAB units
+    token_temperature: float = 0.05  # tokens sources: exp((cos - 1) / temperature)
 
 
 @dataclass

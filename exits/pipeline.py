@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from exits import manifest, storage
 from exits.config import PipelineConfig
+from exits.retrieval import EXTRACTOR_SOURCES
 
 log = logging.getLogger("exits.pipeline")
 
@@ -52,6 +53,26 @@ def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
     )
 
 
+def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
+    """Split the train json into training and held-out jsons under <run>/data."""
+    from exits.data.split import split_coco
+
+    d = cfg.data
+    coco = json.loads(storage.read_bytes(d.annotations))
+    train, held = split_coco(coco, d.holdout_images, d.holdout_salt)
+    target = storage.join(run, "data", "annotations")
+    out = (
+        storage.join(target, "instances_train.json"),
+        storage.join(target, "instances_holdout.json"),
+    )
+    storage.publish_bytes(out[0], json.dumps(train).encode())
+    storage.publish_bytes(out[1], json.dumps(held).encode())
+    log.info(
+        "holdout split: %d training / %d held-out images", len(train["images"]), len(held["images"])
+    )
+    return out
+
+
 def data_paths(cfg: PipelineConfig, run: str) -> dict:
     m = manifest.read_manifest(run, "prepare")
     if m is None:
@@ -64,7 +85,11 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
 
     started = time.time()
     d = cfg.data
-    if d.annotations:
+    if d.annotations and d.holdout_images > 0 and not d.val_annotations:
+        train_json, held_json = _holdout_data(cfg, run)
+        paths = {"annotations": train_json, "images": d.images,
+                 "val_annotations": held_json, "val_images": d.images}  # fmt: skip
+    elif d.annotations:
         paths = {"annotations": d.annotations, "images": d.images,
                  "val_annotations": d.val_annotations or "", "val_images": d.val_images or d.images}  # fmt: skip
     elif d.name == "demo":
@@ -99,7 +124,7 @@ def _train_stage(cfg: PipelineConfig, run: str, fp: str, stage: str) -> dict:
     extractor = None
     if (
         stage == "generator"
-        and cfg.retrieval.similarity.startswith("attention")
+        and cfg.retrieval.similarity in EXTRACTOR_SOURCES
         and cfg.loss.objective == "exits"
     ):
         extractor = _uri(run, "warmup", "model.pt")

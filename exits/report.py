@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from exits import manifest, storage
 from exits.data.images import ImageError
+from exits.retrieval import EXTRACTOR_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -679,9 +680,9 @@ def _retrieval_figure(r: _Run, n_crops: int) -> str:
 
         model, _ = load_model(warm)
         grid, size = int(model.grid), int(getattr(model, "img_size", size) or size)
-        if rcfg.similarity.startswith("attention"):
+        if rcfg.similarity in EXTRACTOR_SOURCES:
             extractor = model
-    elif rcfg.similarity.startswith("attention"):
+    elif rcfg.similarity in EXTRACTOR_SOURCES:
         raise ValueError(
             f"similarity {rcfg.similarity!r} needs the warmup extractor (warmup/model.pt missing)"
         )

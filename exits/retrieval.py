@@ -55,6 +55,7 @@ UINT8_MAX = 255.0
 # Training-free kernel defaults (DESIGN.md prototype: θα = 1.5 cells, θβ = 10 Lab units).
 THETA_POS = 1.5
 THETA_COL = 10.0
+TOKEN_TEMPERATURE = 0.05  # pretrained-token kernel (DESIGN.md, third prototype)
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +386,23 @@ def bilateral_similarity(
     return torch.exp(-pos_d2 / (2 * theta_pos**2) - col_d2 / (2 * theta_col**2))
 
 
+def token_similarity(tokens: Tensor, temperature: float = TOKEN_TEMPERATURE) -> Tensor:
+    """Affinity of pretrained patch tokens: exp((cos(t_i, t_j) − 1) / temperature).
+
+    In (0, 1], 1 on the diagonal; a sharper kernel for smaller ``temperature``.
+
+    Args:
+        tokens: (B, n, D) patch tokens (e.g. a pretrained ViT's output after the final norm).
+
+    Returns:
+        (B, n, n) float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = F.normalize(tokens.float(), dim=-1)
+    return torch.exp((t @ t.transpose(1, 2) - 1.0) / temperature)
+
+
 SimilarityFn = Callable[..., Tensor]
 
 
@@ -392,6 +410,12 @@ def _attention_source(*, attention_fn, normalised, **_) -> Tensor:
     if attention_fn is None or normalised is None:
         raise ValueError("the 'attention' source needs attention_fn and normalised images")
     return attention_fn(normalised)
+
+
+def _tokens_source(*, tokens_fn, normalised, token_temperature=TOKEN_TEMPERATURE, **_) -> Tensor:
+    if tokens_fn is None or normalised is None:
+        raise ValueError("the 'tokens' source needs tokens_fn and normalised images")
+    return token_similarity(tokens_fn(normalised), token_temperature)
 
 
 def _bilateral_source(*, rgb, grid, theta_pos=THETA_POS, theta_col=THETA_COL, **_) -> Tensor:
@@ -407,12 +431,22 @@ def _attention_x_bilateral_source(**kwargs) -> Tensor:
     return _attention_source(**kwargs) * _bilateral_source(**kwargs)
 
 
+def _tokens_x_bilateral_source(**kwargs) -> Tensor:
+    return _tokens_source(**kwargs) * _bilateral_source(**kwargs)
+
+
 SIMILARITY_SOURCES: dict[str, SimilarityFn] = {
     "attention": _attention_source,
     "bilateral": _bilateral_source,
     "spatial": _spatial_source,
     "attention_x_bilateral": _attention_x_bilateral_source,
+    "tokens": _tokens_source,
+    "tokens_x_bilateral": _tokens_x_bilateral_source,
 }
+# sources that need the (warmed-up, frozen) similarity extractor of stage 1a
+EXTRACTOR_SOURCES = frozenset(
+    {"attention", "attention_x_bilateral", "tokens", "tokens_x_bilateral"}
+)
 
 
 def compute_similarity(
@@ -424,15 +458,19 @@ def compute_similarity(
     attention_fn: Callable[[Tensor], Tensor] | None = None,
     theta_pos: float = THETA_POS,
     theta_col: float = THETA_COL,
+    tokens_fn: Callable[[Tensor], Tensor] | None = None,
+    token_temperature: float = TOKEN_TEMPERATURE,
 ) -> Tensor:
     """Similarity S (B, n, n) from a named source in ``SIMILARITY_SOURCES``.
 
     Args:
-        source: "attention" (paper), "bilateral", "spatial" or "attention_x_bilateral".
+        source: "attention" (paper), "bilateral", "spatial", "attention_x_bilateral",
+            "tokens" (pretrained patch-token affinity) or "tokens_x_bilateral".
         rgb: (B, 3, S, S) RGB crops, uint8 or float in [0, 1].
         grid: N.
         normalised: (B, 3, S, S) model input (needed by attention sources).
         attention_fn: images → (B, n, n), e.g. ``SimilarityExtractor.similarity``.
+        tokens_fn: images → (B, n, D) patch tokens, e.g. ``SimilarityExtractor.tokens``.
     """
     if source not in SIMILARITY_SOURCES:
         raise KeyError(f"unknown similarity source {source!r}; have {sorted(SIMILARITY_SOURCES)}")
@@ -443,4 +481,6 @@ def compute_similarity(
         attention_fn=attention_fn,
         theta_pos=theta_pos,
         theta_col=theta_col,
+        tokens_fn=tokens_fn,
+        token_temperature=token_temperature,
     )

