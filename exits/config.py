@@ -231,10 +231,23 @@ def apply_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig
     return cfg
 
 
+DATA_PATH_FIELDS = ("annotations", "images", "val_annotations", "val_images")
+
+
+def _absolute_data_paths(data: DataConfig) -> None:
+    """Relative local data paths are relative to the directory the job starts in; Ray workers
+    run elsewhere, so resolve them once here (URIs such as s3://… are left alone)."""
+    for name in DATA_PATH_FIELDS:
+        value = getattr(data, name)
+        if value and "://" not in value and not os.path.isabs(value):
+            setattr(data, name, os.path.abspath(value))
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
     """Build a :class:`PipelineConfig` from a dataset name or YAML path plus overrides."""
     cfg = _merge(PipelineConfig(), load_yaml(resolve_config_path(name_or_path)), "")
     cfg = apply_overrides(cfg, overrides or [])
+    _absolute_data_paths(cfg.data)
     if cfg.device == "cuda":
         for part in (cfg.warmup, cfg.generator, cfg.label, cfg.stage2):
             part.use_gpu = True

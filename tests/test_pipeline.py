@@ -74,3 +74,13 @@ def test_overrides_and_gpu_switch():
         load_config("lvis").data.name == "lvis"
         and load_config("lvis").stage2.model == "mask_rcnn_r50"
     )
+
+
+def test_relative_data_paths_resolved_against_the_start_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("coco_mini", ["data.val_images=s3://bucket/val"])
+    assert cfg.data.annotations == str(
+        tmp_path.parent / "shared" / "data" / "coco_train128" / "instances_train2017.json"
+    )
+    assert cfg.data.val_images == "s3://bucket/val"  # URIs untouched
+    assert cfg.data.holdout_images == 32 and cfg.model.generator == "vit_small_dinov2"
