@@ -43,6 +43,7 @@ from exits.data.coco import load_instances, write_table  # noqa: E402
 from exits.data.images import load_image  # noqa: E402
 from exits.data.split import TUNE_SALT, split_coco  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
+from exits.model.generator import ATTENTION_BLOCKS  # noqa: E402
 from exits.retrieval import EXTRACTOR_SOURCES  # noqa: E402
 from exits.train.data import CropDataset, CropSpec, row_box  # noqa: E402
 from exits.train.diagnostics import retrieval_stats  # noqa: E402
@@ -184,7 +185,8 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(CropDataset(val, data["images"], spec), batch_size=32)
     retrieval = {}
     t = time.time()
-    blocks = sorted({extractor.attention_block, extractor.encoder.depth - 1})
+    paper_block = ATTENTION_BLOCKS.get(cfg.model.generator, extractor.attention_block)
+    blocks = sorted({paper_block, extractor.attention_block, extractor.encoder.depth - 1})
     for source in SOURCES:
         for block in blocks if "attention" in source else [extractor.attention_block]:
             extractor.attention_block = block
