@@ -147,15 +147,15 @@ def hf_to_timm(arrays: dict[str, np.ndarray], depth: int = DEPTH) -> dict[str, T
     """
     sd: dict[str, Tensor] = {}
     for src, dst in _TOP_MAP.items():
-        sd[dst] = torch.from_numpy(np.ascontiguousarray(arrays[src])).float()
+        sd[dst] = torch.from_numpy(np.array(arrays[src], dtype=np.float32))
     sd["pos_embed"] = torch.from_numpy(
-        np.ascontiguousarray(arrays["backbone.embeddings.position_embeddings"])
+        np.array(arrays["backbone.embeddings.position_embeddings"], dtype=np.float32)
     ).float()
     for i in range(depth):
         p = f"backbone.encoder.layer.{i}."
         for src, dst in _BLOCK_MAP.items():
             sd[f"blocks.{i}.{dst}"] = torch.from_numpy(
-                np.ascontiguousarray(arrays[p + src])
+                np.array(arrays[p + src], dtype=np.float32)
             ).float()
         att = p + "attention.attention."
         sd[f"blocks.{i}.attn.qkv.weight"] = torch.from_numpy(
