@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--split", choices=("heldout", "tune"), default="heldout")
     p.add_argument("--profile", default=None, help="config profile (default: the --data name)")
     p.add_argument("--retrieval-only", action="store_true", help="stop after the retrieval table")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval table")
     p.add_argument(
         "--variants", default="exits,box_only,initial_points", help="trained variants to run"
     )
@@ -187,7 +188,7 @@ def main() -> None:
     t = time.time()
     paper_block = ATTENTION_BLOCKS.get(cfg.model.generator, extractor.attention_block)
     blocks = sorted({paper_block, extractor.attention_block, extractor.encoder.depth - 1})
-    for source in SOURCES:
+    for source in () if args.no_retrieval else SOURCES:
         for block in blocks if "attention" in source else [extractor.attention_block]:
             extractor.attention_block = block
             for rule in ("absolute", "relative"):
