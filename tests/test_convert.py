@@ -122,3 +122,34 @@ def test_pretrained_extractor_attention_is_a_distribution() -> None:
     assert sim.shape == (2, 16, 16)
     rows = sim.sum(-1)  # softmax over cls + patches, cls column dropped
     assert torch.all(rows <= 1 + 1e-5) and torch.all(rows > 0.5)
+
+
+def test_shared_teacher_pass_gives_the_same_loss_as_a_separate_extractor(demo_dataset) -> None:
+    """Stage 1b on a frozen encoder: the teacher's pass yields the extractor's attention."""
+    from exits.config import LossConfig, RetrievalConfig
+    from exits.crf import build_crf
+    from exits.data.coco import load_instances
+    from exits.model.generator import make_teacher, shares_frozen_encoder
+    from exits.train.data import CropDataset, CropSpec
+    from exits.train.steps import generator_loss
+
+    torch.manual_seed(0)
+    student = build_generator("vit_small_dinov2", img_size=56, trainable_blocks=0)
+    teacher = make_teacher(student)
+    ext = build_similarity_extractor("vit_small_dinov2", img_size=56, attention_block=11,
+                                     trainable_blocks=0)  # fmt: skip
+    assert shares_frozen_encoder(teacher, ext)
+    other = build_similarity_extractor("vit_small_dinov2", img_size=56, attention_block=11)
+    assert not shares_frozen_encoder(teacher, other)  # trainable encoder: never shared
+    inst, _ = load_instances(demo_dataset["annotations"], demo_dataset["images"])
+    ds = CropDataset(inst.slice(0, 4), demo_dataset["images"], CropSpec(size=56, train=False))
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    crf = build_crf("torch", n_iters=2)
+    for source in ("attention", "tokens_x_bilateral"):
+        rc, lc = RetrievalConfig(similarity=source, dropout=0.0), LossConfig()
+        gen = torch.Generator().manual_seed(1)  # same student augmentation in both calls
+        sep, logs_sep = generator_loss(student, teacher, ext, batch, rc, lc, crf, gen, False)
+        gen = torch.Generator().manual_seed(1)
+        one, logs_one = generator_loss(student, teacher, ext, batch, rc, lc, crf, gen, True)
+        assert torch.allclose(sep, one, atol=1e-6)
+        assert logs_sep["retrieved_fg"] == logs_one["retrieved_fg"]

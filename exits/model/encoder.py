@@ -263,12 +263,32 @@ def block_attention(encoder: nn.Module, images: Tensor, block: int) -> Tensor:
     x = vit.norm_pre(x)  # (B, T, D), T = P + N²
     for blk in vit.blocks[:block]:
         x = blk(x)
-    blk = vit.blocks[block]
+    return _attention_of(vit.blocks[block], x, vit.num_prefix_tokens)
+
+
+def _attention_of(blk: nn.Module, x: Tensor, prefix: int) -> Tensor:
+    """Head-averaged softmax attention of ``blk`` for its input tokens ``x`` (B, T, D),
+    prefix rows/columns dropped: (B, N², N²)."""
     attn = blk.attn
     h = blk.norm1(x)
     B, T, _ = h.shape
     qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, T, hd)
     weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
-    p = vit.num_prefix_tokens
-    return weights.mean(dim=1)[:, p:, p:]  # (B, N², N²)
+    return weights.mean(dim=1)[:, prefix:, prefix:]  # (B, N², N²)
+
+
+def tokens_and_attention(encoder: ViTEncoder, images: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """One pass: patch tokens after the final norm (B, N², D) and the attention of ``block``
+    (as ``block_attention``). Lets a frozen teacher that shares the similarity extractor's
+    encoder weights produce both in one forward (stage 1b on a frozen pretrained encoder)."""
+    vit = encoder.vit
+    if not 0 <= block < len(vit.blocks):
+        raise IndexError(f"block {block} out of range for depth {len(vit.blocks)}")
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    attention = None
+    for i, blk in enumerate(vit.blocks):
+        if i == block:
+            attention = _attention_of(blk, x, vit.num_prefix_tokens)
+        x = blk(x)
+    return vit.norm(x)[:, encoder.num_prefix_tokens :], attention

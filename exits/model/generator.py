@@ -27,6 +27,7 @@ from exits.model.encoder import (
     ViTEncoder,
     block_attention,
     build_vit,
+    tokens_and_attention,
     load_encoder_checkpoint,
     parse_checkpoint,
     read_bytes,
@@ -73,6 +74,13 @@ class PseudoLabelGenerator(nn.Module):
         out_size = images.shape[-1] // self.output_stride
         return self.decoder(tokens, self.encoder.grid, out_size)
 
+    def forward_with_similarity(self, images: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One encoder pass → (mask logits, patch tokens (B, N², D), attention of ``block``
+        (B, N², N²)); see ``shares_frozen_encoder``."""
+        tokens, attention = tokens_and_attention(self.encoder, images, block)
+        out_size = images.shape[-1] // self.output_stride
+        return self.decoder(tokens, self.encoder.grid, out_size), tokens, attention
+
 
 class SimilarityExtractor(PseudoLabelGenerator):
     """The paper's similarity extractor (Sec. 3.2.1): same network as the generator, warmed
@@ -107,6 +115,21 @@ class SimilarityExtractor(PseudoLabelGenerator):
         """Stop gradients and switch to eval mode; returns self."""
         self.requires_grad_(False)
         return self.eval()
+
+
+@torch.no_grad()
+def shares_frozen_encoder(model: PseudoLabelGenerator, extractor: SimilarityExtractor) -> bool:
+    """True when ``model``'s encoder is frozen and equal, tensor for tensor, to the frozen
+    extractor's: then the extractor's attention/tokens are exactly those of ``model``'s own
+    encoder pass, and stage 1b can take them from the teacher's forward instead of a second
+    pass (a frozen pretrained encoder: the warm-up trained only its decoder)."""
+    a, b = model.encoder, extractor.encoder
+    if a.trainable_blocks != 0 or b.trainable_blocks != 0 or type(a.vit) is not type(b.vit):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
+    )
 
 
 # --------------------------------------------------------------------------------------

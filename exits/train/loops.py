@@ -32,6 +32,7 @@ from exits.model.generator import (
     build_similarity_extractor,
     ema_update,
     make_teacher,
+    shares_frozen_encoder,
 )
 from exits.train.data import CropDataset, CropSpec
 from exits.train.steps import generator_loss, to_device, warmup_loss
@@ -160,6 +161,9 @@ def train_loop_per_worker(config: dict) -> None:
         resumed_from = list(state.get("resumed_from", [])) + [step]
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     crf_fn = build_crf(lcfg.crf, n_iters=lcfg.crf_iters) if stage == "generator" else None
+    shared = (
+        stage == "generator" and extractor is not None and shares_frozen_encoder(teacher, extractor)
+    )
     amp = tcfg.amp and device.type == "cuda"
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
     loader_workers = int(config.get("loader_workers", 1))
@@ -202,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
                     loss, logs = warmup_loss(ddp_model, batch, lcfg)
                 else:
                     loss, logs = generator_loss(
-                        ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen
+                        ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen, shared
                     )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

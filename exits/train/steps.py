@@ -96,17 +96,27 @@ def similarity_matrix(
     grid: int,
     extractor: nn.Module | None,
     rcfg: RetrievalConfig,
+    precomputed: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """S (B, n, n) from the configured source (extractor attention, bilateral, ...)."""
+    """S (B, n, n) from the configured source (extractor attention, bilateral, ...).
+
+    ``precomputed``: (tokens, attention) of the extractor's encoder for these images, when a
+    pass that shares its weights already produced them (``shares_frozen_encoder``).
+    """
+    attention_fn = extractor.similarity if extractor is not None else None
+    tokens_fn = extractor.tokens if extractor is not None else None
+    if precomputed is not None:
+        tokens, attention = precomputed
+        attention_fn, tokens_fn = (lambda _: attention), (lambda _: tokens)
     return retrieval.compute_similarity(
         source,
         rgb=images_u8,
         grid=grid,
         normalised=normalised,
-        attention_fn=extractor.similarity if extractor is not None else None,
+        attention_fn=attention_fn,
         theta_pos=rcfg.bilateral_theta_pos,
         theta_col=rcfg.bilateral_theta_col,
-        tokens_fn=extractor.tokens if extractor is not None else None,
+        tokens_fn=tokens_fn,
         token_temperature=rcfg.token_temperature,
     )
 
@@ -173,14 +183,35 @@ def generator_loss(
     lcfg: LossConfig,
     crf_fn,
     generator: torch.Generator | None = None,
+    shared_extractor: bool = False,
 ) -> tuple[Tensor, dict]:
-    """Stage 1b: EXITS objective (Eq. 10) or the box-only ablation, for one batch."""
+    """Stage 1b: EXITS objective (Eq. 10) or the box-only ablation, for one batch.
+
+    ``shared_extractor``: the teacher's frozen encoder equals the extractor's
+    (``shares_frozen_encoder``), so one teacher pass yields the extractor's tokens and
+    attention too (same numbers, one encoder pass fewer).
+    """
     images = batch["image"].float() / 255.0  # (B, 3, S, S)
     student_in = normalize(student_augment(images, generator))
     logits = student(student_in)  # (B, 1, h, h)
     probs = logits.sigmoid()
+    share = (
+        shared_extractor
+        and extractor is not None
+        and lcfg.objective == "exits"
+        and rcfg.enabled
+        and rcfg.similarity in retrieval.EXTRACTOR_SOURCES
+    )
+    precomputed = None
     with torch.no_grad():
-        teacher_probs = teacher(normalize(images)).sigmoid()
+        if share:
+            t_logits, tokens, attention = teacher.forward_with_similarity(
+                normalize(images), extractor.attention_block
+            )
+            precomputed = (tokens, attention)
+        else:
+            t_logits = teacher(normalize(images))
+        teacher_probs = t_logits.sigmoid()
     h = probs.shape[-1]
     box = box_mask_at(batch, h)
     l_crf = crf_loss(probs, teacher_probs, batch["image"], crf_fn, box_mask=box)
@@ -198,7 +229,7 @@ def generator_loss(
     geo = grid_geometry(batch, grid, rcfg.delta)
     if rcfg.enabled:
         sim = similarity_matrix(
-            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
+            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg, precomputed
         )
     else:  # initial points only: no similarity needed
         sim = images.new_zeros(())
