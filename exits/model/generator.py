@@ -27,10 +27,10 @@ from exits.model.encoder import (
     ViTEncoder,
     block_attention,
     build_vit,
-    tokens_and_attention,
     load_encoder_checkpoint,
     parse_checkpoint,
     read_bytes,
+    tokens_and_attention,
 )
 
 OUTPUT_STRIDE = 4  # logits are S/4 × S/4
