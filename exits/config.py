@@ -88,7 +88,7 @@ class LossConfig:
     objective: str = "exits"  # exits (point + CRF) | box_only (MAL ablation: MIL + CRF)
     lambda_point: float = 1.0
     lambda_crf: float = 0.5
-    lambda_mil: float = 1.0
+    lambda_mil: float = 4.0  # MAL's value; the paper leaves it open
     balanced_bce: float = 0.0  # from-scratch switch: class-balanced BCE on labelled points
     crf: str = "torch"  # torch (batched mean-field, GPU) | pydensecrf (exact, CPU)
     crf_iters: int = 5

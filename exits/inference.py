@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from exits import storage
-from exits.data.crops import crop_and_resize, enlarge_box, paste_mask
+from exits.data.crops import INFERENCE_ENLARGE, crop_and_resize, enlarge_box, paste_mask, row_box
 from exits.data.images import load_image
 from exits.data.transforms import normalize, to_tensor
-from exits.train.data import row_box
 
 
 @torch.inference_mode()
@@ -58,7 +57,7 @@ def masks_for_rows(
     rows: list[dict],
     images: str,
     size: int,
-    enlarge: float = 1.3,
+    enlarge: float = INFERENCE_ENLARGE,
     batch_size: int = 32,
     device: str = "cpu",
 ) -> Iterator[tuple[dict, np.ndarray]]:

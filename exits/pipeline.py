@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from exits import manifest, storage
 from exits.config import PipelineConfig
-from exits.retrieval import EXTRACTOR_SOURCES
+from exits.method.similarity import EXTRACTOR_SOURCES
 
 log = logging.getLogger("exits.pipeline")
 
@@ -160,9 +160,9 @@ def _stage_metrics(
 
     from exits.checkpoints import load_model
     from exits.data.coco import read_table
+    from exits.evaluate.diagnostics import retrieval_stats
+    from exits.evaluate.quality import evaluate_generator
     from exits.train.data import CropDataset, CropSpec
-    from exits.train.diagnostics import retrieval_stats
-    from exits.train.quality import evaluate_generator
 
     val_uri = _uri(run, "prepare", "val_instances.parquet")
     if not storage.exists(val_uri):

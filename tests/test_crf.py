@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from exits.crf import PyDenseCRF, TorchMeanFieldCRF, build_crf
+from exits.method.crf import PyDenseCRF, TorchMeanFieldCRF, build_crf
 
 SIZE = 48
 

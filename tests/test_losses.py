@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from exits.losses import (
+from exits.method.losses import (
     balanced_bce,
     box_only_loss,
     crf_loss,

@@ -6,7 +6,15 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from exits.losses import point_loss
+from exits.config import RetrievalConfig
+from exits.method.losses import point_loss
+from exits.method.retrieval import (
+    GridGeometry,
+    initial_points,
+    retrieve_from_transition,
+    retrieved_count,
+    transition_matrix,
+)
 from exits.model import (
     ATTENTION_BLOCKS,
     MaskDecoder,
@@ -18,13 +26,6 @@ from exits.model import (
     ema_update,
     load_encoder_state,
     make_teacher,
-)
-from exits.retrieval import (
-    initial_points,
-    retrieve_points,
-    retrieved_count,
-    scale_thresholds,
-    transition_matrix,
 )
 
 IMG = 32  # tiny crops keep the tests fast (demo builder: patch 8 → 4×4 grid)
@@ -100,18 +101,14 @@ def test_gradients_reach_generator_not_frozen_extractor():
     pts = torch.tensor([[2.0, 0.5], [0.5, 2.0], [2.0, 3.5], [3.5, 2.0]]).expand(2, 4, 2)
     box = torch.tensor([[0.5, 0.5, 3.5, 3.5]]).expand(2, 4)
     fg, bg, in_box = initial_points(pts, box, grid, delta=0.5)
-    labels = retrieve_points(T, fg, bg, in_box, **_taus(grid * grid))
+    # the paper's thresholds, scaled from 1024 tokens to grid²
+    labels = retrieve_from_transition(T, GridGeometry(fg, bg, in_box, grid), RetrievalConfig())
     probs = gen(x).sigmoid()  # (B, 1, S/4, S/4)
     box_mask = torch.ones(2, IMG // 4, IMG // 4)
     loss = point_loss(probs, labels, box_mask, retrieved_count(labels, fg, bg))
     loss.backward()
     assert all(p.grad is not None for p in gen.parameters())
     assert all(p.grad is None and not p.requires_grad for p in ext.parameters())
-
-
-def _taus(n):
-    tau_fg, tau_bg = scale_thresholds(1e-3, -1e-4, n)
-    return {"tau_fg": tau_fg, "tau_bg": tau_bg}
 
 
 def test_ema_update():

@@ -1,27 +1,32 @@
-"""Known-answer tests for exits.retrieval (paper Eq. 2-5, point dropout, initial points)."""
+"""Known-answer tests for exits.method.retrieval and exits.method.similarity (paper Eq. 2-5,
+point dropout, initial points, similarity sources)."""
 
 import math
 
 import pytest
 import torch
 
-from exits.retrieval import (
-    SIMILARITY_SOURCES,
-    bilateral_similarity,
-    compute_similarity,
+from exits.config import RetrievalConfig
+from exits.method.retrieval import (
+    GridGeometry,
     initial_points,
     label_points,
     point_dropout,
     propagation_scores,
     relative_thresholds,
-    retrieve_points,
+    retrieve_from_transition,
     retrieved_count,
-    rgb_to_lab,
     scale_thresholds,
     sinkhorn,
+    transition_matrix,
+)
+from exits.method.similarity import (
+    SIMILARITY_SOURCES,
+    bilateral_similarity,
+    compute_similarity,
+    rgb_to_lab,
     spatial_similarity,
     token_similarity,
-    transition_matrix,
 )
 
 
@@ -109,15 +114,16 @@ def test_initial_points_delta_stops_at_centre_and_respects_valid():
     assert in_box[0].nonzero().flatten().tolist() == [27]
 
 
-def test_retrieve_points_block_structure():
+def test_retrieve_from_transition_block_structure():
     obj = _l_shape()  # (64,)
     same = obj[:, None] == obj[None, :]
     S = torch.where(same, 1.0, 1e-3)[None]  # (1, 64, 64) object block vs background block
     T = transition_matrix(S)
     fg, bg, in_box = initial_points(L_EXTREMES, L_BOX, GRID, delta=0.5)
     assert obj[fg[0]].all()  # the moved extreme points lie on the object
-    tau_fg, tau_bg = scale_thresholds(1e-3, -1e-4, GRID * GRID)
-    labels = retrieve_points(T, fg, bg, in_box, hops=3, tau_fg=tau_fg, tau_bg=tau_bg)
+    # the paper's rule: hops 3, thresholds 1e-3 / -1e-4 scaled from 1024 tokens to GRID²
+    rcfg = RetrievalConfig(hops=3, tau_fg=1e-3, tau_bg=-1e-4, threshold_rule="absolute")
+    labels = retrieve_from_transition(T, GridGeometry(fg, bg, in_box, GRID), rcfg)
     assert labels.dtype == torch.int8
     expected = torch.where(obj, 1, 0).to(torch.int8)  # object (all in box) FG, the rest BG
     assert torch.equal(labels[0], expected)

@@ -10,9 +10,9 @@ import torch
 
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
 from exits.data.coco import load_instances, write_table
+from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
 from exits.train.data import CropDataset, CropSpec
 from exits.train.loops import STATE_FILE, lr_lambda
-from exits.train.steps import grid_geometry, retrieve, similarity_matrix
 
 S = 96
 
@@ -97,7 +97,7 @@ def _cfgs(**train):
     t.update(train)
     return (CropConfig(size=S), ModelConfig(generator="vit_tiny_demo", attention_block=1),
             RetrievalConfig(similarity="attention", threshold_rule="relative"),
-            LossConfig(balanced_bce=1.0, warmup_pairwise=1.0), TrainConfig(**t))  # fmt: skip
+            LossConfig(lambda_mil=1.0, balanced_bce=1.0, warmup_pairwise=1.0), TrainConfig(**t))  # fmt: skip
 
 
 def _state(result):

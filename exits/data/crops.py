@@ -1,6 +1,6 @@
 """Crop geometry: boxes from extreme points, enlargement, crop+resize, inverse map, paste-back.
 
-Conventions (DESIGN.md): images H x W x 3 uint8 RGB; boxes ``[x0, y0, x1, y1]`` float in pixel
+Conventions (docs/architecture.md): images H x W x 3 uint8 RGB; boxes ``[x0, y0, x1, y1]`` float in pixel
 *edge* coordinates (pixel ``i`` spans ``[i, i+1)``, so x1/y1 are exclusive); points (x, y) are
 pixel indices (centres at ``i + 0.5`` in edge coordinates).
 
@@ -16,15 +16,19 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from exits.config import CropConfig
 from exits.data.extreme_points import box_from_extreme_points, validate_extreme_points
 
-INFERENCE_ENLARGE = 1.3  # MAL: fixed 1.3x per dimension at inference
-TRAIN_MEAN_ENLARGE = 1.3  # MAL: random margin per side, 1.3x per dimension on average ...
-TRAIN_MAX_ENLARGE = 1.6  # ... and at most 1.6x
+# Defined once, in CropConfig (MAL): a fixed 1.3x per dimension at inference; at training a
+# random margin per side, 1.3x per dimension on average and at most 1.6x.
+INFERENCE_ENLARGE = CropConfig.inference_enlarge
+TRAIN_MEAN_ENLARGE = CropConfig.train_mean_enlarge
+TRAIN_MAX_ENLARGE = CropConfig.train_max_enlarge
 
 __all__ = [
     "box_from_extreme_points",
     "instance_box",
+    "row_box",
     "enlarge_box",
     "random_enlarge_box",
     "crop_and_resize",
@@ -59,6 +63,20 @@ def instance_box(
     if b[0] < 0 or b[1] < 0 or b[0] + b[2] > width + 0.5 or b[1] + b[3] > height + 0.5:
         return None, "box", f"box {b.tolist()} outside the image {width}x{height}"
     return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]]), "box", None
+
+
+def row_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows)
+    of one instance-table row.
+
+    Raises ValueError for rows ``instance_box`` rejects (the prepare stage already turned
+    those into error rows).
+    """
+    pts = row.get("extreme_points")
+    box, _, reason = instance_box(pts, row.get("bbox"), row["height"], row["width"])
+    if reason:
+        raise ValueError(f"instance {row.get('ann_id')}: {reason}")
+    return box, (np.asarray(pts, dtype=np.float64) if pts is not None else None)
 
 
 def enlarge_box(box: np.ndarray, factor: float = INFERENCE_ENLARGE) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Conventions: mask probabilities are sigmoid outputs in [0, 1]; ``box_mask`` is 1 inside the
 box and 0 outside, at the same resolution as the mask it is compared with. Point labels are
-the int8 grid labels of ``exits.retrieval`` (1 FG, 0 BG, -1 unlabelled), flattened
+the int8 grid labels of ``exits.method.retrieval`` (1 FG, 0 BG, -1 unlabelled), flattened
 row-major over the N×N patch grid.
 """
 
@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exits.config import LossConfig
+
 # MAL's dice smoothing: 1e-3 added to each squared sum.
 DICE_EPS = 1e-3
-# Balancing weights. The paper leaves them open; MAL uses λ_mil = 4, λ_crf = 0.5.
-LAMBDA_MIL = 4.0
-LAMBDA_CRF = 0.5
-LAMBDA_POINT = 1.0
+# Balancing weights, defined once in LossConfig. The paper leaves them open; MAL uses
+# λ_mil = 4, λ_crf = 0.5.
+LAMBDA_MIL = LossConfig.lambda_mil
+LAMBDA_CRF = LossConfig.lambda_crf
+LAMBDA_POINT = LossConfig.lambda_point
 # MAL binarises the CRF output at 0.5 before the dice loss.
 CRF_TARGET_THRESHOLD = 0.5
 BCE_CLAMP = 1e-6
@@ -121,7 +124,7 @@ def point_loss(
 
     The indicator is about the *retrieved* pseudo points P̂ of each sample (not the
     initial extreme/outside points); count them before point dropout
-    (``exits.retrieval.retrieved_count`` on the retrieval output) to follow the paper's
+    (``exits.method.retrieval.retrieved_count`` on the retrieval output) to follow the paper's
     "none of the points is retrieved".
 
     Args:
@@ -175,7 +178,7 @@ def crf_loss(
         images: (B, 3, H, W) RGB, uint8 or float in [0, 1] (not normalised); resized to
             (h, w) when they differ.
         crf_fn: (images (B, 3, h, w), probs (B, 1, h, w)) → refined probs, e.g. a
-            ``exits.crf`` CRF.
+            ``exits.method.crf`` CRF.
         box_mask: optional (B, 1, h, w) box area.
     """
     with torch.no_grad():

@@ -1,5 +1,9 @@
 """Point retrieval (paper Sec. 3.2.1-3.2.2): transition matrix, random-walk propagation,
-pseudo point labels and point dropout.
+pseudo point labels and point dropout, as ONE chain used by training, diagnostics and the bench.
+
+The chain: ``grid_geometry`` (initial points P_FG, P_BG, P_Box) → ``similarity_matrix``
+(S, ``exits.method.similarity``) → ``retrieve``: ``transition_matrix`` (Eq. 2) →
+``retrieve_from_transition`` (Eq. 3-4 propagation, Eq. 5 thresholds) → ``point_dropout``.
 
 Everything here is batched torch and device-agnostic; no Python loop runs over the batch.
 
@@ -10,52 +14,38 @@ Conventions
 - Coordinates are in PATCH units: crop pixel / patch size, x right, y down. Patch (c, r)
   covers [c, c + 1) × [r, r + 1); its centre is (c + 0.5, r + 0.5).
 - Extreme points are ordered top, left, bottom, right, each (x, y).
-- Boxes are [x0, y0, x1, y1] with x1, y1 exclusive (DESIGN.md: x1 = right.x + 1).
+- Boxes are [x0, y0, x1, y1] with x1, y1 exclusive (docs/architecture.md: x1 = right.x + 1).
 - Point labels are int8: 1 foreground, 0 background, -1 unlabelled.
-
-The similarity source is pluggable (``SIMILARITY_SOURCES``): the paper's extractor attention
-or the training-free kernels used by the from-scratch profile (DESIGN.md, prototype).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-# Paper defaults (Sec. 4 implementation details); thresholds are for N² = 1024 tokens.
-PAPER_HOPS = 3
-PAPER_TAU_FG = 1e-3
-PAPER_TAU_BG = -1e-4
+from exits.config import RetrievalConfig
+from exits.method.similarity import (
+    EXTRACTOR_SOURCES,
+    SIMILARITY_SOURCES,
+    compute_similarity,
+    patch_centres,
+    rgb_to_lab,
+)
+
+# Paper defaults (Sec. 4 implementation details) are defined once, in RetrievalConfig;
+# the thresholds there are for N² = 1024 tokens.
+PAPER_HOPS = RetrievalConfig.hops
+PAPER_TAU_FG = RetrievalConfig.tau_fg
+PAPER_TAU_BG = RetrievalConfig.tau_bg
 PAPER_TOKENS = 1024
-PAPER_DROPOUT_RATE = 0.9
-SINKHORN_ITERS = 50
+PAPER_DROPOUT_RATE = RetrievalConfig.dropout
+SINKHORN_ITERS = RetrievalConfig.sinkhorn_iters
 SINKHORN_EPS = 1e-12
 
 FG, BG, UNLABELLED = 1, 0, -1
-
-# Extreme-point order and the unit step that moves each point toward the box centre
-# (x right, y down): top moves down, left moves right, bottom moves up, right moves left.
-EXTREME_ORDER = ("top", "left", "bottom", "right")
-
-# sRGB (D65) → CIE XYZ, and the D65 white point, for the CIELAB conversion.
-_RGB_TO_XYZ = (
-    (0.412453, 0.357580, 0.180423),
-    (0.212671, 0.715160, 0.072169),
-    (0.019334, 0.119193, 0.950227),
-)
-_D65_WHITE = (0.950456, 1.0, 1.088754)
-_LAB_EPSILON = (6.0 / 29.0) ** 3
-_LAB_KAPPA = (29.0 / 6.0) ** 2 / 3.0
-_LAB_OFFSET = 4.0 / 29.0
-UINT8_MAX = 255.0
-
-# Training-free kernel defaults (DESIGN.md prototype: θα = 1.5 cells, θβ = 10 Lab units).
-THETA_POS = 1.5
-THETA_COL = 10.0
-TOKEN_TEMPERATURE = 0.05  # pretrained-token kernel (DESIGN.md, third prototype)
 
 
 # --------------------------------------------------------------------------------------
@@ -163,32 +153,6 @@ def label_points(
     return labels
 
 
-def retrieve_points(
-    T: Tensor,
-    fg: Tensor,
-    bg: Tensor,
-    in_box: Tensor,
-    hops: int = PAPER_HOPS,
-    tau_fg: float | Tensor = PAPER_TAU_FG,
-    tau_bg: float | Tensor = PAPER_TAU_BG,
-) -> Tensor:
-    """Eq. 3-5: pseudo point labels for the points of the box.
-
-    Args:
-        T: (B, n, n) transition matrix (Eq. 2).
-        fg, bg, in_box: (B, n) bool (P_FG, P_BG, P_Box) from ``initial_points``.
-        hops: α.
-        tau_fg, tau_bg: thresholds on π_f − π_b (floats or (B,) tensors). The paper's
-            values are for n = 1024; use ``scale_thresholds`` for other grids.
-
-    Returns:
-        (B, n) int8: 1 pseudo-FG (P_FG ∪ P̂_FG), 0 pseudo-BG (P_BG ∪ P̂_BG), -1 unlabelled.
-        Only points inside the box receive pseudo labels.
-    """
-    pi_f, pi_b = propagation_scores(T, fg, bg, hops)
-    return label_points(pi_f - pi_b, fg, bg, in_box, tau_fg, tau_bg)
-
-
 def scale_thresholds(tau_fg: float, tau_bg: float, n: int) -> tuple[float, float]:
     """Scale the paper's thresholds (given for n = 1024 tokens) to n tokens.
 
@@ -199,12 +163,15 @@ def scale_thresholds(tau_fg: float, tau_bg: float, n: int) -> tuple[float, float
 
 
 def relative_thresholds(
-    diff: Tensor, in_box: Tensor, fg_quantile: float = 0.8, bg_quantile: float = 0.2
+    diff: Tensor,
+    in_box: Tensor,
+    fg_quantile: float = RetrievalConfig.fg_quantile,
+    bg_quantile: float = RetrievalConfig.bg_quantile,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample thresholds at quantiles of the in-box scores (from-scratch profile).
 
     With the defaults, the top 20 % of in-box points by π_f − π_b become FG and the
-    bottom 20 % BG. Feed the result to ``label_points`` (or ``retrieve_points``).
+    bottom 20 % BG. Feed the result to ``label_points``.
 
     Args:
         diff: (B, n) π_f − π_b.
@@ -223,13 +190,6 @@ def relative_thresholds(
 # --------------------------------------------------------------------------------------
 # Initial points (Sec. 3.2: P_FG, P_BG, P_Box)
 # --------------------------------------------------------------------------------------
-def _patch_centres(grid: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(n,) x and y of patch centres in patch units, row-major."""
-    c = torch.arange(grid, device=device, dtype=dtype) + 0.5
-    cy, cx = torch.meshgrid(c, c, indexing="ij")
-    return cx.reshape(-1), cy.reshape(-1)
-
-
 def initial_points(
     extreme_points_in_crop: Tensor,
     box_in_crop: Tensor,
@@ -275,7 +235,7 @@ def initial_points(
     fg = torch.zeros(B, n, dtype=torch.bool, device=device)
     fg.scatter_(1, row * grid + col, True)
 
-    cx, cy = _patch_centres(grid, device, dtype)  # (n,)
+    cx, cy = patch_centres(grid, device, dtype)  # (n,)
     x0, y0, x1, y1 = (box[:, i : i + 1] for i in range(4))  # each (B, 1)
     in_box = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # (B, n)
     in_box = in_box | fg
@@ -304,7 +264,7 @@ def point_dropout(
     None every labelled point may be dropped. Resample every step/epoch.
 
     Args:
-        labels: (B, n) int8 from ``retrieve_points``.
+        labels: (B, n) int8 from ``retrieve``.
         rate: drop probability in [0, 1].
         generator: torch.Generator on ``labels.device`` for reproducibility.
         keep: (B, n) bool, points never dropped.
@@ -327,160 +287,141 @@ def retrieved_count(labels: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Similarity sources
+# The chain (Eq. 2-5) on batches of crops: used by training, diagnostics, report and bench
 # --------------------------------------------------------------------------------------
-def _to_unit_rgb(crops: Tensor) -> Tensor:
-    """uint8 [0, 255] or float [0, 1] RGB → float32 in [0, 1]."""
-    if crops.dtype == torch.uint8:
-        return crops.float() / UINT8_MAX
-    return crops.float()
+@dataclass
+class GridGeometry:
+    """Per-batch geometry on the patch grid (``initial_points`` of a batch of crops)."""
+
+    fg: Tensor  # (B, n) bool initial FG points P_FG
+    bg: Tensor  # (B, n) bool initial BG points P_BG
+    in_box: Tensor  # (B, n) bool P_Box
+    grid: int
 
 
-def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """sRGB (B, 3, H, W) float in [0, 1] → CIELAB (B, 3, H, W) (D65; L in [0, 100])."""
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
-    white = torch.tensor(_D65_WHITE, dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,bjhw->bihw", m, linear) / white[None, :, None, None]
-    f = torch.where(
-        xyz > _LAB_EPSILON, xyz.clamp_min(_LAB_EPSILON) ** (1 / 3), xyz * _LAB_KAPPA + _LAB_OFFSET
-    )
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
-    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], 1)
-
-
-def _grid_sq_dist(grid: int, device: torch.device | None = None) -> Tensor:
-    """(n, n) squared distance between patch centres, in cells."""
-    cx, cy = _patch_centres(grid, device or torch.device("cpu"), torch.float32)
-    pos = torch.stack([cx, cy], -1)  # (n, 2)
-    return torch.cdist(pos, pos).square()
-
-
-def spatial_similarity(grid: int, theta_pos: float = THETA_POS, device=None) -> Tensor:
-    """Gaussian distance kernel exp(−|Δp|² / 2θα²) on patch centres (cells).
-
-    Returns:
-        (n, n) float32, the same for every crop (callers expand to (B, n, n)).
-    """
-    return torch.exp(-_grid_sq_dist(grid, device) / (2 * theta_pos**2))
-
-
-def bilateral_similarity(
-    crops: Tensor, grid: int, theta_pos: float = THETA_POS, theta_col: float = THETA_COL
-) -> Tensor:
-    """Training-free bilateral kernel on patch-mean CIELAB colour.
-
-    K(i, j) = exp(−|p_i − p_j|² / 2θα² − |Lab_i − Lab_j|² / 2θβ²), positions in cells.
+def grid_geometry(batch: dict, grid: int, delta: float) -> GridGeometry:
+    """Initial points on the N x N grid from crop-pixel geometry (``initial_points``).
 
     Args:
-        crops: (B, 3, S, S) RGB, uint8 in [0, 255] or float in [0, 1] (not normalised).
-        grid: N; colours are averaged over each patch (adaptive average pooling).
-
-    Returns:
-        (B, n, n) float32.
-    """
-    lab = F.adaptive_avg_pool2d(rgb_to_lab(_to_unit_rgb(crops)), grid)  # (B, 3, N, N)
-    lab = lab.flatten(2).transpose(1, 2)  # (B, n, 3)
-    col_d2 = torch.cdist(lab, lab).square()  # (B, n, n)
-    pos_d2 = _grid_sq_dist(grid, crops.device)  # (n, n)
-    return torch.exp(-pos_d2 / (2 * theta_pos**2) - col_d2 / (2 * theta_col**2))
-
-
-def token_similarity(tokens: Tensor, temperature: float = TOKEN_TEMPERATURE) -> Tensor:
-    """Affinity of pretrained patch tokens: exp((cos(t_i, t_j) − 1) / temperature).
-
-    In (0, 1], 1 on the diagonal; a sharper kernel for smaller ``temperature``.
-
-    Args:
-        tokens: (B, n, D) patch tokens (e.g. a pretrained ViT's output after the final norm).
-
-    Returns:
-        (B, n, n) float32.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    t = F.normalize(tokens.float(), dim=-1)
-    return torch.exp((t @ t.transpose(1, 2) - 1.0) / temperature)
-
-
-SimilarityFn = Callable[..., Tensor]
-
-
-def _attention_source(*, attention_fn, normalised, **_) -> Tensor:
-    if attention_fn is None or normalised is None:
-        raise ValueError("the 'attention' source needs attention_fn and normalised images")
-    return attention_fn(normalised)
-
-
-def _tokens_source(*, tokens_fn, normalised, token_temperature=TOKEN_TEMPERATURE, **_) -> Tensor:
-    if tokens_fn is None or normalised is None:
-        raise ValueError("the 'tokens' source needs tokens_fn and normalised images")
-    return token_similarity(tokens_fn(normalised), token_temperature)
-
-
-def _bilateral_source(*, rgb, grid, theta_pos=THETA_POS, theta_col=THETA_COL, **_) -> Tensor:
-    return bilateral_similarity(rgb, grid, theta_pos, theta_col)
-
-
-def _spatial_source(*, rgb, grid, theta_pos=THETA_POS, **_) -> Tensor:
-    k = spatial_similarity(grid, theta_pos, device=rgb.device)
-    return k.expand(rgb.shape[0], -1, -1)
-
-
-def _attention_x_bilateral_source(**kwargs) -> Tensor:
-    return _attention_source(**kwargs) * _bilateral_source(**kwargs)
-
-
-def _tokens_x_bilateral_source(**kwargs) -> Tensor:
-    return _tokens_source(**kwargs) * _bilateral_source(**kwargs)
-
-
-SIMILARITY_SOURCES: dict[str, SimilarityFn] = {
-    "attention": _attention_source,
-    "bilateral": _bilateral_source,
-    "spatial": _spatial_source,
-    "attention_x_bilateral": _attention_x_bilateral_source,
-    "tokens": _tokens_source,
-    "tokens_x_bilateral": _tokens_x_bilateral_source,
-}
-# sources that need the (warmed-up, frozen) similarity extractor of stage 1a
-EXTRACTOR_SOURCES = frozenset(
-    {"attention", "attention_x_bilateral", "tokens", "tokens_x_bilateral"}
-)
-
-
-def compute_similarity(
-    source: str,
-    *,
-    rgb: Tensor,
-    grid: int,
-    normalised: Tensor | None = None,
-    attention_fn: Callable[[Tensor], Tensor] | None = None,
-    theta_pos: float = THETA_POS,
-    theta_col: float = THETA_COL,
-    tokens_fn: Callable[[Tensor], Tensor] | None = None,
-    token_temperature: float = TOKEN_TEMPERATURE,
-) -> Tensor:
-    """Similarity S (B, n, n) from a named source in ``SIMILARITY_SOURCES``.
-
-    Args:
-        source: "attention" (paper), "bilateral", "spatial", "attention_x_bilateral",
-            "tokens" (pretrained patch-token affinity) or "tokens_x_bilateral".
-        rgb: (B, 3, S, S) RGB crops, uint8 or float in [0, 1].
+        batch: tensors of a batch of B crops of S x S (``exits.train.data.CropDataset``
+            items): "image" (B, 3, S, S), "points" (B, 4, 2) extreme points in crop pixels,
+            "box" (B, 4) in crop pixel edges, "valid" (B, S, S) inside the image,
+            "has_points" (B,) bool (False for box-only rows).
         grid: N.
-        normalised: (B, 3, S, S) model input (needed by attention sources).
-        attention_fn: images → (B, n, n), e.g. ``SimilarityExtractor.similarity``.
-        tokens_fn: images → (B, n, D) patch tokens, e.g. ``SimilarityExtractor.tokens``.
+        delta: δ in patch units.
     """
-    if source not in SIMILARITY_SOURCES:
-        raise KeyError(f"unknown similarity source {source!r}; have {sorted(SIMILARITY_SOURCES)}")
-    return SIMILARITY_SOURCES[source](
-        rgb=rgb,
+    S = batch["image"].shape[-1]
+    patch = S / grid
+    pts = (batch["points"] + 0.5) / patch  # pixel centres -> patch units, (B, 4, 2)
+    box = batch["box"] / patch  # edges -> patch units, (B, 4)
+    valid = F.adaptive_avg_pool2d(batch["valid"].float()[:, None], grid)[:, 0] > 0.5  # (B, N, N)
+    fg, bg, in_box = initial_points(pts, box, grid, delta, valid.flatten(1))
+    fg = fg & batch["has_points"][:, None]  # box-only rows have no extreme points
+    return GridGeometry(fg=fg, bg=bg, in_box=in_box, grid=grid)
+
+
+def similarity_matrix(
+    source: str,
+    images_u8: Tensor,
+    normalised: Tensor,
+    grid: int,
+    extractor: nn.Module | None,
+    rcfg: RetrievalConfig,
+) -> Tensor:
+    """S (B, n, n) from the configured source (extractor attention, bilateral, ...)."""
+    return compute_similarity(
+        source,
+        rgb=images_u8,
         grid=grid,
         normalised=normalised,
-        attention_fn=attention_fn,
-        theta_pos=theta_pos,
-        theta_col=theta_col,
-        tokens_fn=tokens_fn,
-        token_temperature=token_temperature,
+        attention_fn=extractor.similarity if extractor is not None else None,
+        theta_pos=rcfg.bilateral_theta_pos,
+        theta_col=rcfg.bilateral_theta_col,
+        tokens_fn=extractor.tokens if extractor is not None else None,
+        token_temperature=rcfg.token_temperature,
     )
+
+
+def scores_from_transition(T: Tensor, geo: GridGeometry, hops: int = PAPER_HOPS) -> Tensor:
+    """Eq. 3-4: (B, n) π_f − π_b from the transition matrix T (B, n, n)."""
+    pi_f, pi_b = propagation_scores(T, geo.fg, geo.bg, hops)
+    return pi_f - pi_b
+
+
+@torch.no_grad()
+def retrieval_scores(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 2-4: (B, n) π_f − π_b from the similarity S (B, n, n)."""
+    T = transition_matrix(sim.float(), rcfg.sinkhorn_iters)
+    return scores_from_transition(T, geo, rcfg.hops)
+
+
+@torch.no_grad()
+def labels_from_scores(diff: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 5 with the configured threshold rule: (B, n) int8 pseudo point labels.
+
+    "absolute": the paper's thresholds scaled from 1024 tokens to n (``scale_thresholds``);
+    "relative": per-crop quantiles of the in-box, non-initial scores (``relative_thresholds``).
+    """
+    if rcfg.threshold_rule == "relative":
+        tau_fg, tau_bg = relative_thresholds(
+            diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile
+        )
+    elif rcfg.threshold_rule == "absolute":
+        tau_fg, tau_bg = scale_thresholds(rcfg.tau_fg, rcfg.tau_bg, geo.grid * geo.grid)
+    else:
+        raise ValueError(f"unknown threshold_rule {rcfg.threshold_rule!r}")
+    return label_points(diff, geo.fg, geo.bg, geo.in_box, tau_fg, tau_bg)
+
+
+@torch.no_grad()
+def retrieve_from_transition(T: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 3-5: (B, n) int8 pseudo point labels from the transition matrix T (B, n, n).
+
+    1 pseudo-FG (P_FG ∪ P̂_FG), 0 pseudo-BG (P_BG ∪ P̂_BG), -1 unlabelled; only points
+    inside the box receive pseudo labels.
+    """
+    return labels_from_scores(scores_from_transition(T, geo, rcfg.hops), geo, rcfg)
+
+
+@torch.no_grad()
+def retrieve(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
+    """Eq. 2-5: (B, n) int8 pseudo point labels (before dropout) from the similarity S.
+
+    With ``rcfg.enabled`` False only the initial points are labelled (no retrieval; ``sim``
+    is not read).
+    """
+    if not rcfg.enabled:
+        inf = float("inf")
+        return label_points(
+            torch.zeros(geo.fg.shape, device=sim.device), geo.fg, geo.bg, geo.in_box, inf, -inf
+        )
+    T = transition_matrix(sim.float(), rcfg.sinkhorn_iters)  # (B, n, n)
+    return retrieve_from_transition(T, geo, rcfg)
+
+
+__all__ = [
+    "BG",
+    "EXTRACTOR_SOURCES",
+    "FG",
+    "SIMILARITY_SOURCES",
+    "UNLABELLED",
+    "GridGeometry",
+    "compute_similarity",
+    "grid_geometry",
+    "initial_points",
+    "label_points",
+    "labels_from_scores",
+    "point_dropout",
+    "propagation_scores",
+    "relative_thresholds",
+    "retrieval_scores",
+    "retrieve",
+    "retrieve_from_transition",
+    "retrieved_count",
+    "rgb_to_lab",
+    "scale_thresholds",
+    "scores_from_transition",
+    "similarity_matrix",
+    "sinkhorn",
+    "transition_matrix",
+]

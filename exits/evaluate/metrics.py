@@ -378,7 +378,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(markdown_report(metrics))
     logger.info("wrote %s and %s", json_path, md_path)
     return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from torch import nn
 
 from exits.config import RetrievalConfig
 from exits.data.transforms import normalize
-from exits.train.steps import (
+from exits.method.retrieval import (
     grid_geometry,
     labels_from_scores,
     retrieval_scores,

@@ -9,7 +9,8 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from exits.evaluate import pseudo_label_miou
+from exits.data.crops import INFERENCE_ENLARGE
+from exits.evaluate.metrics import pseudo_label_miou
 from exits.inference import masks_for_rows
 
 
@@ -58,7 +59,7 @@ def evaluate_masks(table: pa.Table, rows_masks, threshold: float) -> dict:
 
 
 def evaluate_generator(
-    model: nn.Module, table: pa.Table, images: str, size: int, enlarge: float = 1.3, threshold: float = 0.5,
+    model: nn.Module, table: pa.Table, images: str, size: int, enlarge: float = INFERENCE_ENLARGE, threshold: float = 0.5,
     device: str = "cpu", batch_size: int = 32,
 ) -> dict:  # fmt: skip
     """mIoU (all / separated / by size) of ``model``'s pasted-back masks vs the table's GT."""
