@@ -243,9 +243,12 @@ def _absolute_data_paths(data: DataConfig) -> None:
             setattr(data, name, os.path.abspath(value))
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
-    """Build a :class:`PipelineConfig` from a dataset name or YAML path plus overrides."""
-    cfg = _merge(PipelineConfig(), load_yaml(resolve_config_path(name_or_path)), "")
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a dataset name or YAML path (None: the dataclass
+    defaults) plus overrides; ``device: cuda`` switches every stage to GPUs here, once."""
+    cfg = PipelineConfig()
+    if name_or_path is not None:
+        cfg = _merge(cfg, load_yaml(resolve_config_path(name_or_path)), "")
     cfg = apply_overrides(cfg, overrides or [])
     _absolute_data_paths(cfg.data)
     if cfg.device == "cuda":

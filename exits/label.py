@@ -56,15 +56,14 @@ from exits.data.coco import ERROR_SCHEMA, error_row, read_table, rle_to_json, wr
 from exits.data.crops import crop_and_resize, enlarge_box, instance_box, paste_mask
 from exits.data.images import ImageError, load_image
 from exits.inference import predict_logits
+from exits.model.generator import OUTPUT_STRIDE  # generator logits are S/4 x S/4
 
 log = logging.getLogger(__name__)
 
 STAGE = "label"
-SHARD_IMAGES = 64  # images per output shard: the unit of commit and of resume
 SHARD_FORMAT = "shard-{:05d}.parquet"
 PREPARE_ERRORS = "prepare.parquet"
 PLAN = "plan.json"
-OUTPUT_STRIDE = 4  # generator logits are S/4 x S/4
 DECODE_MEMORY_FACTOR = 4  # decoded image + warp buffers, in units of the decoded RGB image
 
 # columns of the instance table the pipeline needs (gt_segmentation etc. stay behind)
@@ -535,7 +534,7 @@ def label_instances(
     cfg: LabelConfig,
     *,
     upstream_errors: pa.Table | None = None,
-    shard_images: int = SHARD_IMAGES,
+    shard_images: int | None = None,
 ) -> dict[str, Any]:
     """Pseudo-label every instance once; resumable; returns a summary dict.
 
@@ -548,7 +547,7 @@ def label_instances(
         cfg: batch/pool sizes, devices, threshold, fault injection.
         upstream_errors: error rows of earlier stages (e.g. prepare), carried into
             ``errors/prepare.parquet`` so the errors output is complete.
-        shard_images: images per output shard (commit/resume unit).
+        shard_images: images per output shard (commit/resume unit); None: ``cfg.shard_images``.
 
     Returns:
         {"instances", "masks", "errors", "prepare_errors", "empty_masks", "crops", "shards",
@@ -556,6 +555,8 @@ def label_instances(
          pipeline fill), "crops_per_s" (this run's crops / seconds), "generator", "output"}
     """
     _validate(crop, cfg)
+    if shard_images is None:
+        shard_images = cfg.shard_images
     started = time.time()
     table = assign_shards(read_instances(instances), shard_images)
     ckpt = describe_checkpoint(checkpoint)

@@ -163,7 +163,7 @@ def test_export_coco_loads_with_pycocotools(s3_run, tmp_path):
     from exits.export import export_coco
 
     root = s3_run["root"]
-    out = f"{root}/run/label/pseudo_labels.json"
+    out = f"{root}/run/label/pseudo_coco.json"
     stats = export_coco(f"{root}/run/label/masks", f"{root}/data/train.json", out)
     local = tmp_path / "pseudo.json"
     local.write_bytes(storage.read_bytes(out))
@@ -273,13 +273,7 @@ def test_bad_input_becomes_error_rows(ray_cluster, bad_dataset, generator_ckpt, 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "pseudo_label_job", os.path.join(REPO, "jobs", "pseudo_label.py")
-    )
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = _load_job()
 
     # one annotation the prepare stage rejects is carried into the errors output
     data = json.loads(open(demo_dataset["annotations"]).read())
@@ -289,13 +283,42 @@ def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, cap
     out = str(tmp_path / "run")
     summary = job.main(["--checkpoint", generator_ckpt, "--annotations", str(ann), "--images",
                     demo_dataset["images"], "--output", out, "--config", os.path.join(REPO, "configs", "label", "cpu.yaml"),
-                    "--batch-size", "8"])  # fmt: skip
+                    "--batch-size", "8", "label.shard_images=2"])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert (
         lines[-2].startswith("pseudo_label:") and json.loads(lines[-1])["masks"] == summary["masks"]
     )
     assert summary["prepare_errors"] == 1 and summary["instances"] == len(data["annotations"]) - 1
+    # LabelConfig.shard_images (here from an override) sets the shard size of the job's run
+    n_images = len({a["image_id"] for a in data["annotations"]})
+    assert summary["shards"] == -(-n_images // 2) > 1
+    assert summary["coco_json"] == os.path.join(out, "label", "pseudo_coco.json")
     prepare = read_table(os.path.join(out, "label", "errors", "prepare.parquet")).to_pylist()
     assert prepare[0]["ann_id"] == 10**6 and "unknown category" in prepare[0]["reason"]
     exported = json.loads(open(summary["coco_json"]).read())
     assert len(exported["annotations"]) == summary["masks"] - summary["empty_masks"]
+
+
+def _load_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pseudo_label_job", os.path.join(REPO, "jobs", "pseudo_label.py")
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_job_config_one_path_flags_win():
+    """jobs/pseudo_label.py builds its config through exits.config.load_config: overrides
+    apply, explicit flags win, --use-gpu is the config's device=cuda switch."""
+    job = _load_job()
+    cpu_yaml = os.path.join(REPO, "configs", "label", "cpu.yaml")
+    args = job.parse_args(["--checkpoint", "ckpt.pt", "--annotations", "a.json", "--images", "img",
+                           "--output", "out", "--config", cpu_yaml, "--batch-size", "8",
+                           "--use-gpu", "label.shard_images=3", "label.batch_size=4"])  # fmt: skip
+    cfg = job.build_config(args)
+    assert cfg.label.shard_images == 3 and cfg.label.batch_size == 8 and cfg.crop.size == 96
+    assert cfg.device == "cuda" and cfg.label.use_gpu and cfg.label.gpus_per_actor == 1.0
+    assert job.EXPORT_NAME == "pseudo_coco.json"

@@ -47,7 +47,7 @@ def pseudo_json(demo_dataset: dict, tmp_path_factory: pytest.TempPathFactory) ->
         data = json.load(f)
     for ann in data["annotations"]:
         ann["score"] = 1.0
-    path = tmp_path_factory.mktemp("pseudo") / "pseudo_labels.json"
+    path = tmp_path_factory.mktemp("pseudo") / "pseudo_coco.json"
     path.write_text(json.dumps(data))
     return str(path)
 

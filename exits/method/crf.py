@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exits.config import LossConfig
+
 # Defaults of the pydensecrf README / DeepLab, bilateral spatial width given at 512 px.
 GAUSSIAN_SXY = 3.0
 GAUSSIAN_COMPAT = 3.0
@@ -30,7 +32,7 @@ BILATERAL_SXY_AT_REFERENCE = 80.0
 REFERENCE_SIZE = 512
 BILATERAL_SRGB = 13.0
 BILATERAL_COMPAT = 10.0
-N_ITERS = 5
+N_ITERS = LossConfig.crf_iters  # mean-field iterations; defined once, in LossConfig
 PROB_CLAMP = 1e-5
 # Torch mean-field window.
 KERNEL_SIZE = 5
