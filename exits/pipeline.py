@@ -219,8 +219,8 @@ def _fit_actor_pool(label_cfg):
 
 def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
     from exits.data.coco import read_table
-    from exits.export import export_coco
     from exits.label import label_instances
+    from exits.label.export import export_coco
 
     started = time.time()
     paths = data_paths(cfg, run)

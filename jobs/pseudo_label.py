@@ -32,8 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from exits import manifest, storage  # noqa: E402
 from exits.config import PipelineConfig, load_config  # noqa: E402
 from exits.data.coco import load_instances  # noqa: E402
-from exits.export import export_coco  # noqa: E402
-from exits.label import STAGE, describe_checkpoint, label_instances  # noqa: E402
+from exits.label import STAGE, describe_checkpoint, export_coco, label_instances  # noqa: E402
 
 EXPORT_NAME = "pseudo_coco.json"  # the same artifact name as in exits.pipeline
 

@@ -160,7 +160,7 @@ def test_label_to_s3_round_trip(s3_run):
 def test_export_coco_loads_with_pycocotools(s3_run, tmp_path):
     from pycocotools.coco import COCO
 
-    from exits.export import export_coco
+    from exits.label.export import export_coco
 
     root = s3_run["root"]
     out = f"{root}/run/label/pseudo_coco.json"

@@ -31,7 +31,7 @@ def read_mask_rows(masks_uri: str) -> pa.Table:
 
 
 def annotation_from_row(row: dict) -> dict[str, Any]:
-    """One mask row (exits.label.MASK_SCHEMA) -> a COCO annotation dict (bbox from the mask)."""
+    """One mask row (exits.label.plan.MASK_SCHEMA) -> a COCO annotation dict (bbox from the mask)."""
     rle = json.loads(row["segmentation"])
     coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
     return {
