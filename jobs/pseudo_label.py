@@ -32,9 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from exits import manifest, storage  # noqa: E402
 from exits.config import PipelineConfig, load_config  # noqa: E402
 from exits.data.coco import load_instances  # noqa: E402
-from exits.label import STAGE, describe_checkpoint, export_coco, label_instances  # noqa: E402
+from exits.label import (  # noqa: E402
+    PSEUDO_JSON,
+    STAGE,
+    describe_checkpoint,
+    export_coco,
+    label_instances,
+)
 
-EXPORT_NAME = "pseudo_coco.json"  # the same artifact name as in exits.pipeline
+EXPORT_NAME = PSEUDO_JSON  # pseudo_coco.json, as in a pipeline run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

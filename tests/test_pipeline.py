@@ -21,7 +21,7 @@ def fake_stages(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: make(s) for s in manifest.STAGES})
+    monkeypatch.setattr(pipeline.runner, "STAGE_FUNCS", {s: make(s) for s in manifest.STAGES})
     return calls
 
 

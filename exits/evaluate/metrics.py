@@ -343,6 +343,21 @@ def evaluate(
     return out
 
 
+def mmdet_metrics_table(metrics: dict) -> dict:
+    """mmdet's flat ``coco/segm_mAP_50``-style keys -> {"segm": {"mAP_50": ...}, "bbox": {...}}.
+
+    A missing key means mmdet found no detections (its CocoMetric then returns nothing): 0.
+    """
+    out: dict = {}
+    for iou_type in ("segm", "bbox"):
+        names = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+        vals = {
+            n: float(v) for k, v in metrics.items() for n in names if k.endswith(f"/{iou_type}_{n}")
+        }
+        out[iou_type] = {n: vals.get(n, 0.0) for n in names}
+    return out
+
+
 def _name(src: Any) -> str | None:
     return os.fspath(src) if isinstance(src, str | os.PathLike) else None
 

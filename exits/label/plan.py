@@ -18,6 +18,7 @@ from exits import storage
 STAGE = "label"
 PREPARE_ERRORS = "prepare.parquet"
 PLAN = "plan.json"
+PSEUDO_JSON = "pseudo_coco.json"  # the COCO json export: <run>/label/pseudo_coco.json
 
 # columns of the instance table the pipeline needs (gt_segmentation etc. stay behind)
 INPUT_COLUMNS = (
