@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import roi_align
 
 from exits.config import CropConfig
 from exits.data.extreme_points import box_from_extreme_points, validate_extreme_points
@@ -32,7 +30,6 @@ __all__ = [
     "enlarge_box",
     "random_enlarge_box",
     "crop_and_resize",
-    "crop_and_resize_batch",
     "image_to_crop",
     "crop_to_image",
     "box_mask_in_crop",
@@ -171,22 +168,6 @@ def crop_and_resize(
         borderValue=0,
     )
     return crop, _valid_mask(np.asarray(crop_box), size, image.shape[0], image.shape[1])
-
-
-def crop_and_resize_batch(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Batched, device-agnostic crop+resize with torchvision's ``roi_align`` (aligned=True).
-
-    Args:
-        images: (B, C, H, W) float.
-        boxes: (K, 5) float rows ``[batch_index, x0, y0, x1, y1]`` in pixel edge coordinates.
-        size: output side S.
-
-    Returns:
-        (K, C, S, S) float crops; outside the image reads as zero.
-    """
-    return roi_align(
-        images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True
-    )
 
 
 def box_mask_in_crop(box: np.ndarray, crop_box: np.ndarray, size: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from exits.label import (
 )
 
 CROP = CropConfig(size=96)  # vit_tiny_demo input size
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def small_cfg(**kw) -> LabelConfig:

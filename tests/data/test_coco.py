@@ -207,6 +207,6 @@ def test_real_coco_subset(coco128):
     inst, err = load_instances(f"{coco128}/instances_train2017.json", f"{coco128}/images")
     data = json.load(open(f"{coco128}/instances_train2017.json"))
     assert inst.num_rows + err.num_rows == len(data["annotations"])
-    assert inst.num_rows == 887  # non-crowd instances (DESIGN.md)
+    assert inst.num_rows == 887  # non-crowd instances (docs/architecture.md)
     assert sum(inst["separated"].to_pylist()) == 92
     assert all("crowd" in r for r in err["reason"].to_pylist())
