@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from exits import storage
+from exits.config import LabelConfig
 from exits.data.crops import INFERENCE_ENLARGE, crop_and_resize, enlarge_box, paste_mask, row_box
 from exits.data.images import load_image
 from exits.data.transforms import normalize, to_tensor
@@ -58,7 +59,7 @@ def masks_for_rows(
     images: str,
     size: int,
     enlarge: float = INFERENCE_ENLARGE,
-    batch_size: int = 32,
+    batch_size: int = LabelConfig.batch_size,
     device: str = "cpu",
 ) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield (row, full-resolution probability mask (H, W) float32, zero outside the box)."""

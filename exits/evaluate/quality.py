@@ -9,6 +9,7 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from exits.config import LabelConfig
 from exits.data.crops import INFERENCE_ENLARGE
 from exits.evaluate.metrics import pseudo_label_miou
 from exits.inference import masks_for_rows
@@ -59,8 +60,8 @@ def evaluate_masks(table: pa.Table, rows_masks, threshold: float) -> dict:
 
 
 def evaluate_generator(
-    model: nn.Module, table: pa.Table, images: str, size: int, enlarge: float = INFERENCE_ENLARGE, threshold: float = 0.5,
-    device: str = "cpu", batch_size: int = 32,
+    model: nn.Module, table: pa.Table, images: str, size: int, enlarge: float = INFERENCE_ENLARGE,
+    threshold: float = LabelConfig.threshold, device: str = "cpu", batch_size: int = LabelConfig.batch_size,
 ) -> dict:  # fmt: skip
     """mIoU (all / separated / by size) of ``model``'s pasted-back masks vs the table's GT."""
     rows = [r for r in table.to_pylist() if r.get("gt_segmentation")]

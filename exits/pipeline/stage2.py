@@ -11,7 +11,7 @@ from exits.pipeline.common import data_paths, stage_uri
 
 
 def run_stage2(cfg: PipelineConfig, run: str, fp: str) -> dict:
-    from exits.stage2.pipeline import train_and_evaluate
+    from exits.stage2.train_eval import train_and_evaluate
 
     started = time.time()
     paths = data_paths(run)
