@@ -13,9 +13,9 @@ from pycocotools import mask as mask_utils
 from exits import storage
 from exits.config import CropConfig, LabelConfig
 from exits.data.coco import rle_to_json
-from exits.data.crops import crop_and_resize, enlarge_box, instance_box, paste_mask
+from exits.data.crops import crop_and_resize, enlarge_box, instance_box
 from exits.data.images import ImageError, load_image
-from exits.inference import predict_logits
+from exits.inference import mask_from_logits, predict_logits
 from exits.label.plan import RESULT_SCHEMA
 from exits.model.generator import OUTPUT_STRIDE  # generator logits are S/4 x S/4
 
@@ -165,25 +165,6 @@ class GeneratorStage:
 # --------------------------------------------------------------------------------------
 # Stage 3: paste back + RLE (CPU tasks)
 # --------------------------------------------------------------------------------------
-def mask_from_logits(
-    logits: np.ndarray,
-    box: np.ndarray,
-    crop_box: np.ndarray,
-    image_hw: tuple[int, int],
-    threshold: float,
-) -> tuple[np.ndarray, float]:
-    """(h, w) crop-space logits -> (H, W) bool mask confined to ``box`` and its score.
-
-    Sigmoid, bilinear paste through the inverse crop map (zero outside the box), threshold.
-    The score is the mean probability inside the mask (0 for an empty mask).
-    """
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (h, w)
-    full = paste_mask(prob, crop_box, image_hw, box=box)  # (H, W) float32, 0 outside the box
-    mask = full >= threshold
-    score = float(full[mask].mean()) if mask.any() else 0.0
-    return mask, score
-
-
 def paste_masks(batch: dict[str, np.ndarray], *, threshold: float) -> pa.Table:
     """Logit rows -> RESULT_SCHEMA rows (mask rows, or error rows carrying ``reason``)."""
     rows = []
