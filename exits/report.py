@@ -343,7 +343,7 @@ def _copy_loss_curve(r: _Run, stage: str) -> str:
         if storage.exists(src):
             data = storage.read_bytes(src)
         elif storage.exists(csv_uri):
-            from exits.train.run import loss_curve_png
+            from exits.data.visualize import loss_curve_png
 
             rows = list(csv.DictReader(io.StringIO(storage.read_text(csv_uri))))
             history = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]

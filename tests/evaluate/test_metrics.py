@@ -201,3 +201,11 @@ def test_lvis_federated_ap_known_answers() -> None:
     assert ev.mask_ap(gt, truths + [tp_b, ignored], iou_types=("segm",))["segm"][
         "AP"
     ] == pytest.approx(0.75)
+
+
+def test_mmdet_metrics_table_nests_keys_and_fills_missing_with_zero():
+    flat = {"coco/segm_mAP": 0.3, "coco/segm_mAP_50": 0.5, "coco/bbox_mAP": 0.4, "iter": 7}
+    table = ev.mmdet_metrics_table(flat)
+    assert table["segm"]["mAP"] == 0.3 and table["segm"]["mAP_50"] == 0.5
+    assert table["segm"]["mAP_l"] == 0.0  # mmdet found nothing there: 0
+    assert table["bbox"]["mAP"] == 0.4 and set(table) == {"segm", "bbox"}

@@ -84,3 +84,18 @@ def test_relative_data_paths_resolved_against_the_start_directory(tmp_path, monk
     )
     assert cfg.data.val_images == "s3://bucket/val"  # URIs untouched
     assert cfg.data.holdout_images == 32 and cfg.model.generator == "vit_small_dinov2"
+
+
+def test_cpu_actor_pool_leaves_a_cpu_for_decoding(monkeypatch):
+    import ray
+
+    from exits.config import LabelConfig
+    from exits.pipeline.label import _fit_actor_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert _fit_actor_pool(LabelConfig(num_actors=4)).num_actors == 1  # 2 CPUs: 1 actor + decode
+    assert _fit_actor_pool(LabelConfig(num_actors=1)).num_actors == 1
+    gpu = LabelConfig(num_actors=4, use_gpu=True, gpus_per_actor=1.0)
+    assert _fit_actor_pool(gpu) is gpu  # GPU actors are left alone
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    assert _fit_actor_pool(LabelConfig(num_actors=2)).num_actors == 2  # nothing fits: unchanged
