@@ -1,4 +1,4 @@
-"""Tests for exits.crf: the exact pydensecrf CRF and the batched torch mean-field."""
+"""Tests for exits.method.crf: the exact pydensecrf CRF and the batched torch mean-field."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Known-answer tests for exits.losses (paper Eq. 1, 6-10)."""
+"""Known-answer tests for exits.method.losses (paper Eq. 1, 6-10)."""
 
 import math
 
