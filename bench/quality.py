@@ -40,15 +40,16 @@ from exits import storage  # noqa: E402
 from exits.checkpoints import load_model  # noqa: E402
 from exits.config import load_config  # noqa: E402
 from exits.data.coco import load_instances, write_table  # noqa: E402
+from exits.data.crops import row_box  # noqa: E402
 from exits.data.images import load_image  # noqa: E402
 from exits.data.split import TUNE_SALT, split_coco  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
+from exits.evaluate.diagnostics import retrieval_stats  # noqa: E402
+from exits.evaluate.quality import evaluate_generator, evaluate_masks  # noqa: E402
+from exits.method.similarity import EXTRACTOR_SOURCES  # noqa: E402
 from exits.model.generator import ATTENTION_BLOCKS  # noqa: E402
-from exits.retrieval import EXTRACTOR_SOURCES  # noqa: E402
-from exits.train.data import CropDataset, CropSpec, row_box  # noqa: E402
-from exits.train.diagnostics import retrieval_stats  # noqa: E402
+from exits.train.data import CropDataset, CropSpec  # noqa: E402
 from exits.train.loops import loop_config  # noqa: E402
-from exits.train.quality import evaluate_generator, evaluate_masks  # noqa: E402
 from exits.train.run import fit, publish_artifacts  # noqa: E402
 
 GRABCUT_ITERS = 5

@@ -6,28 +6,37 @@ Usage:
 Times are best-of-``repeats``. Prints progress lines, then ONE JSON object as the last stdout line:
     {"speedup": dense_ms / batched_ms, "batched_ms": …, "dense_ms": …, "max_abs_diff": …,
      "crf_ms": {"pydensecrf": {"128": …, "512": …}, "torch": {"128": …, "512": …}}, …}
-Batched = ``retrieve_points`` (3 batched vector–matrix products + thresholds) on the whole
-batch; dense = per crop ``torch.linalg.matrix_power(T, 3)``, row means over P_FG / P_BG and
-the same thresholds. Both in one run on the same T.
+Batched = ``exits.method.retrieval.retrieve_from_transition`` (3 batched vector–matrix products
++ thresholds; the very function training's ``retrieve`` calls after Eq. 2) on the whole batch;
+dense = per crop ``torch.linalg.matrix_power(T, 3)``, row means over P_FG / P_BG and the same
+thresholds. Both in one run on the same T.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
 
 import torch
 
-from exits.crf import build_crf
-from exits.retrieval import (
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from exits.config import RetrievalConfig  # noqa: E402
+from exits.method.crf import build_crf  # noqa: E402
+from exits.method.retrieval import (  # noqa: E402
+    GridGeometry,
     label_points,
-    retrieve_points,
+    retrieve_from_transition,
     scale_thresholds,
     transition_matrix,
 )
 
-HOPS = 3
+RCFG = RetrievalConfig()  # the paper's rule: absolute thresholds, scaled to n tokens
+HOPS = RCFG.hops
 CRF_SIZES = (128, 512)
 
 
@@ -89,14 +98,16 @@ def dense_retrieve(T, fg, bg, in_box, tau_fg, tau_bg):
 
 def bench_retrieval(args, device: torch.device) -> dict:
     T, fg, bg, in_box = make_inputs(args.n, args.batch, device, args.seed)
-    tau_fg, tau_bg = scale_thresholds(1e-3, -1e-4, args.n)
-    batched_ms = timed_ms(
-        lambda: retrieve_points(T, fg, bg, in_box, HOPS, tau_fg, tau_bg), device, args.repeats
-    )
+    grid = math.isqrt(args.n)
+    if grid * grid != args.n:
+        raise ValueError(f"--n must be a square (N²), got {args.n}")
+    geo = GridGeometry(fg=fg, bg=bg, in_box=in_box, grid=grid)
+    tau_fg, tau_bg = scale_thresholds(RCFG.tau_fg, RCFG.tau_bg, args.n)
+    batched_ms = timed_ms(lambda: retrieve_from_transition(T, geo, RCFG), device, args.repeats)
     dense_ms = timed_ms(
         lambda: dense_retrieve(T, fg, bg, in_box, tau_fg, tau_bg), device, max(1, args.repeats // 2)
     )
-    fast = retrieve_points(T.double(), fg, bg, in_box, HOPS, tau_fg, tau_bg)
+    fast = retrieve_from_transition(T.double(), geo, RCFG)
     slow = dense_retrieve(T.double(), fg, bg, in_box, tau_fg, tau_bg)
     print(f"retrieval: batched {batched_ms:.1f} ms, dense {dense_ms:.1f} ms", flush=True)
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ class LossConfig:
     objective: str = "exits"  # exits (point + CRF) | box_only (MAL ablation: MIL + CRF)
     lambda_point: float = 1.0
     lambda_crf: float = 0.5
-    lambda_mil: float = 1.0
+    lambda_mil: float = 4.0  # MAL's value; the paper leaves it open
     balanced_bce: float = 0.0  # from-scratch switch: class-balanced BCE on labelled points
     crf: str = "torch"  # torch (batched mean-field, GPU) | pydensecrf (exact, CPU)
     crf_iters: int = 5
@@ -167,9 +168,33 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _check_type(where: str, hint: Any, value: Any) -> Any:
+    """The value to set, or TypeError when it does not fit its field's annotation. Ints pass
+    for floats; bools are not ints here; a float field takes a string such as "5e-4", which
+    YAML 1.1 (PyYAML) reads as a string, as the float it spells."""
+    kinds = typing.get_args(hint) or (hint,)
+    if float in kinds and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    for t in kinds:
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    raise TypeError(f"config key {where} expects {hint}, got {value!r}")
+
+
 def _merge(obj: Any, data: dict, where: str) -> Any:
-    """Recursively apply a dict onto a dataclass instance; unknown keys fail fast."""
+    """Recursively apply a dict onto a dataclass instance; unknown keys and values of the
+    wrong type fail fast."""
     names = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in (data or {}).items():
         if key not in names:
             raise KeyError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
@@ -179,7 +204,7 @@ def _merge(obj: Any, data: dict, where: str) -> Any:
                 raise TypeError(f"config key {where}{key} expects a mapping")
             _merge(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, _check_type(f"{where}{key}", hints[key], value))
     return obj
 
 
@@ -243,9 +268,12 @@ def _absolute_data_paths(data: DataConfig) -> None:
             setattr(data, name, os.path.abspath(value))
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
-    """Build a :class:`PipelineConfig` from a dataset name or YAML path plus overrides."""
-    cfg = _merge(PipelineConfig(), load_yaml(resolve_config_path(name_or_path)), "")
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a dataset name or YAML path (None: the dataclass
+    defaults) plus overrides; ``device: cuda`` switches every stage to GPUs here, once."""
+    cfg = PipelineConfig()
+    if name_or_path is not None:
+        cfg = _merge(cfg, load_yaml(resolve_config_path(name_or_path)), "")
     cfg = apply_overrides(cfg, overrides or [])
     _absolute_data_paths(cfg.data)
     if cfg.device == "cuda":

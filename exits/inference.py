@@ -1,8 +1,10 @@
-"""Generator inference on instance crops: the batched torch call and a numpy convenience loop.
+"""Generator inference on instance crops: the ONE crop -> logits -> full-resolution mask path.
 
-``predict_probs`` (batched torch; what a Ray actor calls) maps uint8 crops to mask
-probabilities at the generator's resolution; ``masks_for_rows`` (numpy convenience) crops,
-predicts and pastes back full-resolution masks for a list of instance-table rows.
+``predict_logits`` (batched torch; what the labeller's Ray actors call) maps uint8 crops to
+logits at the generator's resolution; ``paste_probs`` / ``mask_from_logits`` turn one crop's
+logits into a full-resolution probability / thresholded mask (sigmoid, bilinear paste, zero
+outside the box), used by the labeller (``exits.label.stages.paste_masks``) and by
+``masks_for_rows``, the numpy convenience loop behind the stage-1b held-out metric.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import torch
 from torch import nn
 
 from exits import storage
-from exits.data.crops import crop_and_resize, enlarge_box, paste_mask
+from exits.config import LabelConfig
+from exits.data.crops import INFERENCE_ENLARGE, crop_and_resize, enlarge_box, paste_mask, row_box
 from exits.data.images import load_image
 from exits.data.transforms import normalize, to_tensor
-from exits.train.data import row_box
 
 
 @torch.inference_mode()
@@ -43,6 +45,35 @@ def predict_probs(
     return predict_logits(model, crops_t, device).sigmoid().cpu().numpy()
 
 
+def paste_probs(
+    logits: np.ndarray, box: np.ndarray, crop_box: np.ndarray, image_hw: tuple[int, int]
+) -> np.ndarray:
+    """(h, w) crop-space logits -> (H, W) float32 probabilities, 0 outside ``box``.
+
+    Sigmoid, then bilinear paste through the inverse crop map (``crops.paste_mask``).
+    """
+    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (h, w)
+    return paste_mask(prob, crop_box, image_hw, box=box)  # (H, W)
+
+
+def mask_from_logits(
+    logits: np.ndarray,
+    box: np.ndarray,
+    crop_box: np.ndarray,
+    image_hw: tuple[int, int],
+    threshold: float,
+) -> tuple[np.ndarray, float]:
+    """(h, w) crop-space logits -> (H, W) bool mask confined to ``box`` and its score.
+
+    Sigmoid, bilinear paste through the inverse crop map (zero outside the box), threshold.
+    The score is the mean probability inside the mask (0 for an empty mask).
+    """
+    full = paste_probs(logits, box, crop_box, image_hw)  # (H, W) float32, 0 outside the box
+    mask = full >= threshold
+    score = float(full[mask].mean()) if mask.any() else 0.0
+    return mask, score
+
+
 def crop_instance(
     image: np.ndarray, row: dict, size: int, enlarge: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,8 +89,8 @@ def masks_for_rows(
     rows: list[dict],
     images: str,
     size: int,
-    enlarge: float = 1.3,
-    batch_size: int = 32,
+    enlarge: float = INFERENCE_ENLARGE,
+    batch_size: int = LabelConfig.batch_size,
     device: str = "cpu",
 ) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield (row, full-resolution probability mask (H, W) float32, zero outside the box)."""
@@ -74,6 +105,7 @@ def masks_for_rows(
             crop, crop_box, box = crop_instance(cache[row["file_name"]], row, size, enlarge)
             crops.append(crop)
             geoms.append((crop_box, box))
-        probs = predict_probs(model, np.stack(crops), device)
-        for row, p, (crop_box, box) in zip(chunk, probs, geoms):
-            yield row, paste_mask(p, crop_box, (row["height"], row["width"]), box=box)
+        crops_t = torch.from_numpy(np.stack(crops))  # (B, S, S, 3) uint8
+        logits = predict_logits(model, crops_t, device).cpu().numpy()  # (B, h, h)
+        for row, lg, (crop_box, box) in zip(chunk, logits, geoms):
+            yield row, paste_probs(lg, box, crop_box, (row["height"], row["width"]))

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from exits import manifest, storage
 from exits.data.images import ImageError
-from exits.retrieval import EXTRACTOR_SOURCES
+from exits.method.similarity import EXTRACTOR_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def _copy_loss_curve(r: _Run, stage: str) -> str:
         if storage.exists(src):
             data = storage.read_bytes(src)
         elif storage.exists(csv_uri):
-            from exits.train.run import loss_curve_png
+            from exits.data.visualize import loss_curve_png
 
             rows = list(csv.DictReader(io.StringIO(storage.read_text(csv_uri))))
             history = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
@@ -646,9 +646,10 @@ def _retrieval_figure(r: _Run, n_crops: int) -> str:
     import torch
 
     from exits.config import RetrievalConfig
+    from exits.data.crops import INFERENCE_ENLARGE
     from exits.data.transforms import normalize
+    from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
     from exits.train.data import CropDataset, CropSpec
-    from exits.train.steps import grid_geometry, retrieve, similarity_matrix
 
     rc_dict, crop_cfg = _retrieval_inputs(r)
     fields = {f.name for f in dataclasses.fields(RetrievalConfig)}
@@ -691,7 +692,9 @@ def _retrieval_figure(r: _Run, n_crops: int) -> str:
     if grid <= 0:
         grid, note = size // 8, " (grid = crop size / 8: no warmup model)"
     spec = CropSpec(
-        size=size, train=False, inference_enlarge=float(crop_cfg.get("inference_enlarge", 1.3))
+        size=size,
+        train=False,
+        inference_enlarge=float(crop_cfg.get("inference_enlarge", INFERENCE_ENLARGE)),
     )
     ds = CropDataset(table, images, spec)
     items = [ds[i] for i in range(len(ds))]

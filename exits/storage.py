@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -135,16 +131,6 @@ def list_dir(
     return sorted(prefix + info.path for info in infos)
 
 
-def delete(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
-    """Delete a file or a directory tree; no error when absent."""
-    fs, path = get_filesystem(uri, filesystem)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
-
-
 def publish_bytes(uri: str, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
     """Atomically publish ``data`` at ``uri``: readers see the old object or the whole new one.
 
@@ -162,23 +148,6 @@ def publish_bytes(uri: str, data: bytes, filesystem: pafs.FileSystem | None = No
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-@contextmanager
-def local_copy(uri: str, filesystem: pafs.FileSystem | None = None) -> Iterator[str]:
-    """Yield a local path holding ``uri``'s content (the path itself when already local)."""
-    fs, path = get_filesystem(uri, filesystem)
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield path
-        return
-    tmpdir = tempfile.mkdtemp(prefix="exits-")
-    try:
-        local = os.path.join(tmpdir, posixpath.basename(path))
-        with open(local, "wb") as f:
-            f.write(read_bytes(uri, filesystem))
-        yield local
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = None) -> None:

@@ -15,7 +15,7 @@ Usage::
 The annotations may carry ``extreme_points`` per annotation (or GT masks/polygons they are
 derived from); annotations with boxes only are cropped from their box and flagged
 ``supervision="box"``. Outputs under ``<output>/label/``: ``masks/`` and ``errors/`` Parquet
-shards, ``manifest.json`` and the COCO json ``pseudo_labels.json``. Re-running the same command
+shards, ``manifest.json`` and the COCO json ``pseudo_coco.json`` (the pipeline's name). Re-running the same command
 resumes: finished shards are kept, the rest is labelled. Prints a summary line and, last, a
 JSON summary.
 """
@@ -30,12 +30,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exits import manifest, storage  # noqa: E402
-from exits.config import CropConfig, LabelConfig, load_config  # noqa: E402
+from exits.config import PipelineConfig, load_config  # noqa: E402
 from exits.data.coco import load_instances  # noqa: E402
-from exits.export import export_coco  # noqa: E402
-from exits.label import STAGE, describe_checkpoint, label_instances  # noqa: E402
+from exits.label import (  # noqa: E402
+    PSEUDO_JSON,
+    STAGE,
+    describe_checkpoint,
+    export_coco,
+    label_instances,
+)
 
-EXPORT_NAME = "pseudo_labels.json"
+EXPORT_NAME = PSEUDO_JSON  # pseudo_coco.json, as in a pipeline run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,35 +61,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_configs(args: argparse.Namespace) -> tuple[CropConfig, LabelConfig]:
-    """Config file, then key=value overrides, then the explicit flags (flags win)."""
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-        crop, label = cfg.crop, cfg.label
-    else:
-        if args.overrides:
-            raise SystemExit("key=value overrides need --config")
-        crop, label = CropConfig(), LabelConfig()
-        crop.size = describe_checkpoint(args.checkpoint)["input_size"]
+def build_config(args: argparse.Namespace) -> PipelineConfig:
+    """Config file (or the defaults), then key=value overrides, then the explicit flags (flags
+    win). One config path, :func:`exits.config.load_config`: ``--use-gpu`` is ``device=cuda``."""
+    cfg = load_config(args.config, [*args.overrides, *(["device=cuda"] if args.use_gpu else [])])
     if args.crop_size:
-        crop.size = args.crop_size
+        cfg.crop.size = args.crop_size
+    elif not args.config and not any(
+        o.split("=")[0].strip() == "crop.size" for o in args.overrides
+    ):
+        # no config file and no crop.size override: crops at the generator's input size
+        cfg.crop.size = describe_checkpoint(args.checkpoint)["input_size"]
     if args.num_actors:
-        label.num_actors = args.num_actors
+        cfg.label.num_actors = args.num_actors
     if args.batch_size:
-        label.batch_size = args.batch_size
+        cfg.label.batch_size = args.batch_size
     if args.threshold is not None:
-        label.threshold = args.threshold
-    if args.use_gpu:
-        label.use_gpu = True
-        label.gpus_per_actor = label.gpus_per_actor or 1.0
-    return crop, label
+        cfg.label.threshold = args.threshold
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict:
     import ray
 
     args = parse_args(argv)
-    crop, label = build_configs(args)
+    cfg = build_config(args)
     # prepare: parse the json; images are decoded once, in the label stage (check_files=False)
     instances, prepare_errors = load_instances(args.annotations, args.images, check_files=False)
     started_ray = not ray.is_initialized()
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
     try:
         summary = label_instances(
-            instances, args.images, args.checkpoint, args.output, crop, label,
+            instances, args.images, args.checkpoint, args.output, cfg.crop, cfg.label,
             upstream_errors=prepare_errors,
         )  # fmt: skip
     finally:

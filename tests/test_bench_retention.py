@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from exits.config import load_config
-from exits.stage2.pipeline import batch_override
+from exits.stage2.train_eval import batch_override
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "retention.py"
 

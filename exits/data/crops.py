@@ -1,6 +1,6 @@
 """Crop geometry: boxes from extreme points, enlargement, crop+resize, inverse map, paste-back.
 
-Conventions (DESIGN.md): images H x W x 3 uint8 RGB; boxes ``[x0, y0, x1, y1]`` float in pixel
+Conventions (docs/architecture.md): images H x W x 3 uint8 RGB; boxes ``[x0, y0, x1, y1]`` float in pixel
 *edge* coordinates (pixel ``i`` spans ``[i, i+1)``, so x1/y1 are exclusive); points (x, y) are
 pixel indices (centres at ``i + 0.5`` in edge coordinates).
 
@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import roi_align
 
+from exits.config import CropConfig
 from exits.data.extreme_points import box_from_extreme_points, validate_extreme_points
 
-INFERENCE_ENLARGE = 1.3  # MAL: fixed 1.3x per dimension at inference
-TRAIN_MEAN_ENLARGE = 1.3  # MAL: random margin per side, 1.3x per dimension on average ...
-TRAIN_MAX_ENLARGE = 1.6  # ... and at most 1.6x
+# Defined once, in CropConfig (MAL): a fixed 1.3x per dimension at inference; at training a
+# random margin per side, 1.3x per dimension on average and at most 1.6x.
+INFERENCE_ENLARGE = CropConfig.inference_enlarge
+TRAIN_MEAN_ENLARGE = CropConfig.train_mean_enlarge
+TRAIN_MAX_ENLARGE = CropConfig.train_max_enlarge
 
 __all__ = [
     "box_from_extreme_points",
     "instance_box",
+    "row_box",
     "enlarge_box",
     "random_enlarge_box",
     "crop_and_resize",
-    "crop_and_resize_batch",
     "image_to_crop",
     "crop_to_image",
     "box_mask_in_crop",
@@ -59,6 +60,20 @@ def instance_box(
     if b[0] < 0 or b[1] < 0 or b[0] + b[2] > width + 0.5 or b[1] + b[3] > height + 0.5:
         return None, "box", f"box {b.tolist()} outside the image {width}x{height}"
     return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]]), "box", None
+
+
+def row_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows)
+    of one instance-table row.
+
+    Raises ValueError for rows ``instance_box`` rejects (the prepare stage already turned
+    those into error rows).
+    """
+    pts = row.get("extreme_points")
+    box, _, reason = instance_box(pts, row.get("bbox"), row["height"], row["width"])
+    if reason:
+        raise ValueError(f"instance {row.get('ann_id')}: {reason}")
+    return box, (np.asarray(pts, dtype=np.float64) if pts is not None else None)
 
 
 def enlarge_box(box: np.ndarray, factor: float = INFERENCE_ENLARGE) -> np.ndarray:
@@ -153,22 +168,6 @@ def crop_and_resize(
         borderValue=0,
     )
     return crop, _valid_mask(np.asarray(crop_box), size, image.shape[0], image.shape[1])
-
-
-def crop_and_resize_batch(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Batched, device-agnostic crop+resize with torchvision's ``roi_align`` (aligned=True).
-
-    Args:
-        images: (B, C, H, W) float.
-        boxes: (K, 5) float rows ``[batch_index, x0, y0, x1, y1]`` in pixel edge coordinates.
-        size: output side S.
-
-    Returns:
-        (K, C, S, S) float crops; outside the image reads as zero.
-    """
-    return roi_align(
-        images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True
-    )
 
 
 def box_mask_in_crop(box: np.ndarray, crop_box: np.ndarray, size: int) -> np.ndarray:

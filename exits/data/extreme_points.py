@@ -1,6 +1,6 @@
 """Extreme points from GT masks or polygons, following ExtremeNet's ``_get_extreme_points``.
 
-Convention (DESIGN.md): an extreme-point array is int32 ``(4, 2)`` ordered top, left, bottom,
+Convention (docs/architecture.md): an extreme-point array is int32 ``(4, 2)`` ordered top, left, bottom,
 right, each ``(x, y)`` in pixels, x right, y down.
 
 The protocol (ExtremeNet, ``tools/gen_coco_extreme_points.py``), re-implemented:
@@ -111,7 +111,7 @@ def extreme_points_from_mask(mask: np.ndarray) -> np.ndarray:
 def box_from_extreme_points(points: np.ndarray) -> np.ndarray:
     """Box ``[x0, y0, x1, y1]`` (float64, x1/y1 exclusive) from (..., 4, 2) extreme points.
 
-    x0 = left.x, y0 = top.y, x1 = right.x + 1, y1 = bottom.y + 1 (DESIGN.md conventions).
+    x0 = left.x, y0 = top.y, x1 = right.x + 1, y1 = bottom.y + 1 (docs/architecture.md conventions).
     """
     p = np.asarray(points, dtype=np.float64)
     return np.stack([p[..., 1, 0], p[..., 0, 1], p[..., 3, 0] + 1.0, p[..., 2, 1] + 1.0], axis=-1)

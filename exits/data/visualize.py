@@ -1,9 +1,11 @@
-"""Overlay PNGs of instance masks and extreme points (for humans; used by the report)."""
+"""Drawings for humans (used by the report and the training stages): overlay PNGs of instance
+masks and extreme points, loss curves."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import cv2
 import numpy as np
@@ -83,3 +85,26 @@ def overlay_dataset(
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     cv2.imwrite(out_png, grid[..., ::-1])
     return out_png
+
+
+def loss_curve_png(history: list[dict]) -> bytes:
+    """PNG of every ``loss*`` key of ``history`` (one dict per logged step, with "step")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in sorted(k for k in history[0] if k.startswith("loss")):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.TemporaryFile() as f:
+        fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+        f.seek(0)
+        return f.read()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from exits.config import TrainConfig
 from exits.model.decoder import MaskDecoder
 from exits.model.encoder import (
     ViTEncoder,
@@ -34,7 +35,7 @@ from exits.model.encoder import (
 )
 
 OUTPUT_STRIDE = 4  # logits are S/4 × S/4
-EMA_MOMENTUM = 0.996  # MAL, per step
+EMA_MOMENTUM = TrainConfig.ema_momentum  # MAL, per step; defined once, in TrainConfig
 
 Reader = Callable[[str], bytes]
 

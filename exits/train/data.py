@@ -18,12 +18,15 @@ from torch.utils.data import Dataset
 
 from exits import storage
 from exits.data.crops import (
+    INFERENCE_ENLARGE,
+    TRAIN_MAX_ENLARGE,
+    TRAIN_MEAN_ENLARGE,
     box_mask_in_crop,
     crop_and_resize,
     enlarge_box,
     image_to_crop,
-    instance_box,
     random_enlarge_box,
+    row_box,
 )
 from exits.data.images import load_image
 
@@ -34,23 +37,10 @@ LEFT, RIGHT = 1, 3  # indices in (top, left, bottom, right)
 class CropSpec:
     size: int
     train: bool
-    mean_enlarge: float = 1.3
-    max_enlarge: float = 1.6
-    inference_enlarge: float = 1.3
+    mean_enlarge: float = TRAIN_MEAN_ENLARGE
+    max_enlarge: float = TRAIN_MAX_ENLARGE
+    inference_enlarge: float = INFERENCE_ENLARGE
     flip_prob: float = 0.5
-
-
-def row_box(row: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """(box [x0, y0, x1, y1] in pixel edges, extreme points (4, 2) or None for box-only rows).
-
-    Raises ValueError for rows ``crops.instance_box`` rejects (the prepare stage already
-    turned those into error rows).
-    """
-    pts = row.get("extreme_points")
-    box, _, reason = instance_box(pts, row.get("bbox"), row["height"], row["width"])
-    if reason:
-        raise ValueError(f"instance {row.get('ann_id')}: {reason}")
-    return box, (np.asarray(pts, dtype=np.float64) if pts is not None else None)
 
 
 def _box_midpoints(box: np.ndarray) -> np.ndarray:

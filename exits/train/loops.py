@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from exits import storage
 from exits.checkpoints import checkpoint_bytes
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
-from exits.crf import build_crf
 from exits.data.coco import read_table
+from exits.method.crf import build_crf
 from exits.model.generator import (
     build_generator,
     build_similarity_extractor,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 
 import torch
 
 from exits import storage
 from exits.config import TrainConfig
+from exits.data.visualize import loss_curve_png
 from exits.train.loops import MODEL_FILE, STATE_FILE, train_loop_per_worker
 
 
@@ -82,25 +82,3 @@ def write_metrics(history: list[dict], stage_uri: str) -> None:
     w.writerows(history)
     storage.publish_bytes(storage.join(stage_uri, "metrics.csv"), buf.getvalue().encode())
     storage.publish_bytes(storage.join(stage_uri, "loss.png"), loss_curve_png(history))
-
-
-def loss_curve_png(history: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted(k for k in history[0] if k.startswith("loss")):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with tempfile.TemporaryFile() as f:
-        fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-        f.seek(0)
-        return f.read()

@@ -7,23 +7,22 @@ patches (n = N^2).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exits import retrieval
 from exits.config import LossConfig, RetrievalConfig
 from exits.data.transforms import normalize, student_augment
-from exits.losses import (
-    balanced_bce,
+from exits.method import retrieval
+from exits.method.losses import (
     box_only_loss,
     crf_loss,
     point_loss,
     projection_mil_loss,
     total_loss,
 )
+from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
 
 PAIRWISE_COLOR_TAU = 0.3  # BoxInst: neighbours with colour similarity >= tau are "same label"
 PAIRWISE_THETA = 2.0  # BoxInst: similarity exp(-||dLab|| / theta)
@@ -57,16 +56,6 @@ def pairwise_color_loss(logits: Tensor, images: Tensor, box_mask: Tensor) -> Ten
     return total / count.clamp_min(1.0)
 
 
-@dataclass
-class GridGeometry:
-    """Per-batch geometry on the patch grid (from ``CropDataset`` items)."""
-
-    fg: Tensor  # (B, n) bool initial FG points P_FG
-    bg: Tensor  # (B, n) bool initial BG points P_BG
-    in_box: Tensor  # (B, n) bool P_Box
-    grid: int
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -75,86 +64,6 @@ def box_mask_at(batch: dict, size: int) -> Tensor:
     """(B, 1, size, size) float box area at the prediction resolution."""
     m = batch["box_mask"].float()[:, None]
     return (F.adaptive_avg_pool2d(m, size) > 0.5).float()
-
-
-def grid_geometry(batch: dict, grid: int, delta: float) -> GridGeometry:
-    """Initial points on the N x N grid from crop-pixel geometry (retrieval.initial_points)."""
-    S = batch["image"].shape[-1]
-    patch = S / grid
-    pts = (batch["points"] + 0.5) / patch  # pixel centres -> patch units, (B, 4, 2)
-    box = batch["box"] / patch  # edges -> patch units, (B, 4)
-    valid = F.adaptive_avg_pool2d(batch["valid"].float()[:, None], grid)[:, 0] > 0.5  # (B, N, N)
-    fg, bg, in_box = retrieval.initial_points(pts, box, grid, delta, valid.flatten(1))
-    fg = fg & batch["has_points"][:, None]  # box-only rows have no extreme points
-    return GridGeometry(fg=fg, bg=bg, in_box=in_box, grid=grid)
-
-
-def similarity_matrix(
-    source: str,
-    images_u8: Tensor,
-    normalised: Tensor,
-    grid: int,
-    extractor: nn.Module | None,
-    rcfg: RetrievalConfig,
-    precomputed: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """S (B, n, n) from the configured source (extractor attention, bilateral, ...).
-
-    ``precomputed``: (tokens, attention) of the extractor's encoder for these images, when a
-    pass that shares its weights already produced them (``shares_frozen_encoder``).
-    """
-    attention_fn = extractor.similarity if extractor is not None else None
-    tokens_fn = extractor.tokens if extractor is not None else None
-    if precomputed is not None:
-        tokens, attention = precomputed
-        attention_fn, tokens_fn = (lambda _: attention), (lambda _: tokens)
-    return retrieval.compute_similarity(
-        source,
-        rgb=images_u8,
-        grid=grid,
-        normalised=normalised,
-        attention_fn=attention_fn,
-        theta_pos=rcfg.bilateral_theta_pos,
-        theta_col=rcfg.bilateral_theta_col,
-        tokens_fn=tokens_fn,
-        token_temperature=rcfg.token_temperature,
-    )
-
-
-@torch.no_grad()
-def retrieval_scores(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
-    """Eq. 2-4: (B, n) π_f − π_b from the similarity S."""
-    T = retrieval.transition_matrix(sim.float(), rcfg.sinkhorn_iters)
-    pi_f, pi_b = retrieval.propagation_scores(T, geo.fg, geo.bg, rcfg.hops)
-    return pi_f - pi_b
-
-
-@torch.no_grad()
-def labels_from_scores(diff: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
-    """Eq. 5 with the configured threshold rule: (B, n) int8 pseudo point labels."""
-    if rcfg.threshold_rule == "relative":
-        tau_fg, tau_bg = retrieval.relative_thresholds(
-            diff, geo.in_box & ~geo.fg, rcfg.fg_quantile, rcfg.bg_quantile
-        )
-    elif rcfg.threshold_rule == "absolute":
-        tau_fg, tau_bg = retrieval.scale_thresholds(rcfg.tau_fg, rcfg.tau_bg, geo.grid * geo.grid)
-    else:
-        raise ValueError(f"unknown threshold_rule {rcfg.threshold_rule!r}")
-    return retrieval.label_points(diff, geo.fg, geo.bg, geo.in_box, tau_fg, tau_bg)
-
-
-@torch.no_grad()
-def retrieve(sim: Tensor, geo: GridGeometry, rcfg: RetrievalConfig) -> Tensor:
-    """Eq. 2-5: (B, n) int8 pseudo point labels (before dropout).
-
-    With ``rcfg.enabled`` False only the initial points are labelled (no retrieval).
-    """
-    if not rcfg.enabled:
-        inf = float("inf")
-        return retrieval.label_points(
-            torch.zeros(geo.fg.shape, device=sim.device), geo.fg, geo.bg, geo.in_box, inf, -inf
-        )
-    return labels_from_scores(retrieval_scores(sim, geo, rcfg), geo, rcfg)
 
 
 def warmup_loss(extractor: nn.Module, batch: dict, lcfg: LossConfig) -> tuple[Tensor, dict]:
@@ -250,13 +159,9 @@ def generator_loss(
 
 
 __all__ = [
-    "GridGeometry",
-    "balanced_bce",
     "box_mask_at",
     "generator_loss",
-    "grid_geometry",
-    "retrieve",
-    "similarity_matrix",
+    "pairwise_color_loss",
     "to_device",
     "warmup_loss",
 ]

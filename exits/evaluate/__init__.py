@@ -1,0 +1,45 @@
+"""Evaluation: mask AP (COCO / LVIS), retention, pseudo-label mIoU (``metrics``), the stage-1b
+generator metric on held-out instances (``quality``) and stage-1 retrieval diagnostics
+(``diagnostics``). Run ``python -m exits.evaluate --help`` for the command line."""
+
+from exits.evaluate.metrics import (
+    coco_from,
+    detections_from,
+    evaluate,
+    is_lvis,
+    is_separated,
+    load_json,
+    lvis_ap,
+    main,
+    markdown_report,
+    mask_ap,
+    mmdet_metrics_table,
+    num_components,
+    parse_args,
+    pseudo_label_miou,
+    retention,
+    rle_iou,
+    size_bucket,
+    write_metrics,
+)
+
+__all__ = [
+    "coco_from",
+    "detections_from",
+    "evaluate",
+    "is_lvis",
+    "is_separated",
+    "load_json",
+    "lvis_ap",
+    "main",
+    "markdown_report",
+    "mask_ap",
+    "mmdet_metrics_table",
+    "num_components",
+    "parse_args",
+    "pseudo_label_miou",
+    "retention",
+    "rle_iou",
+    "size_bucket",
+    "write_metrics",
+]

@@ -1,0 +1,79 @@
+"""Retrieval diagnostics against GT: the first thing to measure before training on retrieval.
+
+For a batch of crops with GT masks, compare the pseudo point labels (Eq. 5) and the score
+π_f − π_b with GT patch labels (patch = foreground when >= half its pixels are GT):
+FG/BG precision and recall over retrieved (non-initial) in-box points, and the AUC of the
+score over in-box patches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exits.config import RetrievalConfig
+from exits.data.transforms import normalize
+from exits.method.retrieval import (
+    grid_geometry,
+    labels_from_scores,
+    retrieval_scores,
+    retrieve,
+    similarity_matrix,
+)
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC via the rank-sum (Mann-Whitney U) statistic; NaN when one class is absent."""
+    pos, neg = labels.sum(), (~labels).sum()
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # average ranks over ties
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def retrieval_stats(
+    batches, grid: int, rcfg: RetrievalConfig, extractor: nn.Module | None = None
+) -> dict:
+    """Aggregate retrieval precision/recall/AUC over an iterable of ``CropDataset`` batches."""
+    tp_f = n_f = tp_b = n_b = gt_f = gt_b = 0
+    scores, truth = [], []
+    n_crops = 0
+    for batch in batches:
+        n_crops += batch["image"].shape[0]
+        images = batch["image"].float() / 255.0
+        geo = grid_geometry(batch, grid, rcfg.delta)
+        sim = similarity_matrix(
+            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg
+        )
+        diff = retrieval_scores(sim, geo, rcfg)  # π_f − π_b, shared by labels and AUC
+        labels = labels_from_scores(diff, geo, rcfg) if rcfg.enabled else retrieve(sim, geo, rcfg)
+        gt = F.adaptive_avg_pool2d(batch["gt"].float()[:, None], grid).flatten(1) >= 0.5  # (B, n)
+        pseudo = geo.in_box & ~geo.fg & ~geo.bg
+        fg_pred, bg_pred = (labels == 1) & pseudo, (labels == 0) & pseudo
+        tp_f += int((fg_pred & gt).sum())
+        n_f += int(fg_pred.sum())
+        tp_b += int((bg_pred & ~gt).sum())
+        n_b += int(bg_pred.sum())
+        gt_f += int((pseudo & gt).sum())
+        gt_b += int((pseudo & ~gt).sum())
+        scores.append(diff[geo.in_box].cpu().numpy())
+        truth.append(gt[geo.in_box].cpu().numpy())
+    s, t = np.concatenate(scores), np.concatenate(truth)
+    return {
+        "fg_precision": tp_f / n_f if n_f else float("nan"),
+        "fg_recall": tp_f / gt_f if gt_f else float("nan"),
+        "bg_precision": tp_b / n_b if n_b else float("nan"),
+        "bg_recall": tp_b / gt_b if gt_b else float("nan"),
+        "fg_per_crop": n_f / max(1, n_crops),
+        "bg_per_crop": n_b / max(1, n_crops),
+        "auc": _auc(s, t),
+    }

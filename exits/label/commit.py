@@ -1,0 +1,150 @@
+"""Stage 1c exactly-once commit: the driver publishes each output shard once it holds all of its
+instances (errors file, then the masks file as the commit marker), lists committed shards on a
+re-run, reads the shards back (export, report) and verifies every input is there exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from exits import manifest, storage
+from exits.data.coco import ERROR_SCHEMA, error_row, read_table, write_table
+from exits.label.plan import MASK_SCHEMA, PREPARE_ERRORS, STAGE, read_instances
+
+SHARD_FORMAT = "shard-{:05d}.parquet"
+
+
+class OutputMismatch(RuntimeError):
+    """The label outputs do not hold every input instance exactly once."""
+
+
+def shard_uri(output: str, kind: str, shard: int) -> str:
+    return manifest.stage_uri(output, STAGE, kind, SHARD_FORMAT.format(shard))
+
+
+def committed_shards(output: str) -> set[int]:
+    """Shards whose masks file (the commit marker) exists."""
+    done = set()
+    for uri in storage.list_dir(manifest.stage_uri(output, STAGE, "masks")):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet"):
+            done.add(int(name[len("shard-") : -len(".parquet")]))
+    return done
+
+
+# --------------------------------------------------------------------------------------
+# Driver: commit shards exactly once
+# --------------------------------------------------------------------------------------
+class ShardCommitter:
+    """Buffers result rows per shard (keyed by ann_id) and publishes each shard once complete.
+
+    Args:
+        output: run directory URI.
+        expected: shard -> the ann_ids it must hold.
+    """
+
+    def __init__(self, output: str, expected: dict[int, set[int]]) -> None:
+        self.output = output
+        self.expected = expected
+        self.buffers: dict[int, dict[int, dict]] = {}
+        self.committed: list[int] = []
+        self.counts = {"masks": 0, "errors": 0, "empty_masks": 0, "crops": 0}
+
+    def add(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            shard, ann_id = row.pop("shard"), row["ann_id"]
+            if ann_id not in self.expected.get(shard, ()):
+                raise OutputMismatch(
+                    f"pipeline returned ann_id {ann_id} not planned for shard {shard}"
+                )
+            # keyed by ann_id: a retried task overwrites its rows, never duplicates them
+            self.buffers.setdefault(shard, {})[ann_id] = row
+            if len(self.buffers[shard]) == len(self.expected[shard]):
+                self._commit(shard)
+
+    def _commit(self, shard: int) -> None:
+        buffered = self.buffers.pop(shard)
+        rows = [buffered[a] for a in sorted(self.expected[shard])]
+        errors = [
+            error_row(r["ann_id"], r["image_id"], STAGE, r["reason"]) for r in rows if r["reason"]
+        ]
+        masks = [{k: r[k] for k in MASK_SCHEMA.names} for r in rows if not r["reason"]]
+        write_table(
+            pa.Table.from_pylist(errors, schema=ERROR_SCHEMA),
+            shard_uri(self.output, "errors", shard),
+        )
+        write_table(
+            pa.Table.from_pylist(masks, schema=MASK_SCHEMA), shard_uri(self.output, "masks", shard)
+        )
+        self.committed.append(shard)
+        self.counts["masks"] += len(masks)
+        self.counts["errors"] += len(errors)
+        self.counts["crops"] += len(masks)
+        self.counts["empty_masks"] += sum(1 for m in masks if m["area"] == 0)
+
+    def check_complete(self) -> None:
+        missing = sorted(set(self.expected) - set(self.committed))
+        if missing:
+            lost = {
+                s: sorted(self.expected[s] - set(self.buffers.get(s, {})))[:5] for s in missing[:5]
+            }
+            raise OutputMismatch(
+                f"{len(missing)} shards incomplete after the pipeline ended; e.g. missing {lost}"
+            )
+
+
+def _read_dir(uri: str, schema: pa.Schema, skip: tuple[str, ...] = ()) -> pa.Table:
+    tables = [
+        read_table(f).cast(schema)
+        for f in storage.list_dir(uri)
+        if f.endswith(".parquet") and f.rsplit("/", 1)[-1] not in skip
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_masks(output: str) -> pa.Table:
+    """All committed mask rows of a run (MASK_SCHEMA)."""
+    return _read_dir(manifest.stage_uri(output, STAGE, "masks"), MASK_SCHEMA)
+
+
+def read_errors(output: str, include_prepare: bool = True) -> pa.Table:
+    """All error rows of a run (coco.ERROR_SCHEMA); label errors plus carried prepare errors."""
+    skip = () if include_prepare else (PREPARE_ERRORS,)
+    return _read_dir(manifest.stage_uri(output, STAGE, "errors"), ERROR_SCHEMA, skip)
+
+
+def verify_outputs(
+    output: str, instances: pa.Table | str, upstream_errors: pa.Table | None = None
+) -> dict[str, int]:
+    """Check that every input instance is in the outputs exactly once (mask or error row).
+
+    Raises:
+        OutputMismatch: on any missing, duplicated or unexpected ann_id, listing examples.
+
+    Returns:
+        {"instances", "masks", "errors" (label stage), "prepare_errors"}.
+    """
+    table = read_instances(instances)
+    masks = read_masks(output)
+    errors = read_errors(output, include_prepare=False)
+    want = table["ann_id"].to_numpy()
+    got = np.concatenate([masks["ann_id"].to_numpy(), errors["ann_id"].to_numpy()])
+    ids, counts = np.unique(got, return_counts=True)
+    duplicated = ids[counts > 1]
+    missing = np.setdiff1d(want, ids)
+    unexpected = np.setdiff1d(ids, want)
+    if len(duplicated) or len(missing) or len(unexpected):
+        raise OutputMismatch(
+            f"label outputs at {output}: {len(want)} inputs, {masks.num_rows} masks, "
+            f"{errors.num_rows} errors; missing {len(missing)} (e.g. {missing[:5].tolist()}), "
+            f"duplicated {len(duplicated)} (e.g. {duplicated[:5].tolist()}), "
+            f"unexpected {len(unexpected)} (e.g. {unexpected[:5].tolist()})"
+        )
+    prepare = storage.join(manifest.stage_uri(output, STAGE, "errors"), PREPARE_ERRORS)
+    n_prepare = read_table(prepare).num_rows if storage.exists(prepare) else 0
+    if upstream_errors is not None and n_prepare != upstream_errors.num_rows:
+        raise OutputMismatch(
+            f"{prepare} holds {n_prepare} rows, expected {upstream_errors.num_rows}"
+        )
+    return {"instances": len(want), "masks": masks.num_rows, "errors": errors.num_rows,
+            "prepare_errors": n_prepare}  # fmt: skip

@@ -1,0 +1,160 @@
+"""Stage 1c driver: ``label_instances`` plans the shards, skips the committed ones, runs the Ray
+Data pipeline over the rest, commits each finished shard and writes the manifest last."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from exits import manifest, storage
+from exits.config import CropConfig, LabelConfig
+from exits.data.coco import ERROR_SCHEMA, write_table
+from exits.label.commit import ShardCommitter, committed_shards, verify_outputs
+from exits.label.plan import (
+    PLAN,
+    PREPARE_ERRORS,
+    STAGE,
+    assign_shards,
+    describe_checkpoint,
+    fingerprint,
+    image_rows,
+    read_instances,
+)
+from exits.label.stages import build_dataset
+from exits.model.generator import OUTPUT_STRIDE
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """``LabelConfig.fail_after_batches = K > 0``: the driver stops the run after consuming K
+    result batches (shards completed by then are committed), like a job killed part way."""
+
+
+def _validate(crop: CropConfig, cfg: LabelConfig) -> None:
+    if not 0.0 < cfg.threshold < 1.0:
+        raise ValueError(f"LabelConfig.threshold must be in (0, 1), got {cfg.threshold}")
+    if cfg.num_actors < 1 or cfg.batch_size < 1 or cfg.images_per_block < 1:
+        raise ValueError("LabelConfig num_actors, batch_size, images_per_block must be >= 1")
+    if cfg.use_gpu and cfg.gpus_per_actor <= 0:
+        raise ValueError("LabelConfig.use_gpu needs gpus_per_actor > 0")
+    if crop.size % OUTPUT_STRIDE:
+        raise ValueError(f"crop size {crop.size} is not a multiple of {OUTPUT_STRIDE}")
+
+
+def label_instances(
+    instances: pa.Table | str,
+    images: str,
+    checkpoint: str,
+    output: str,
+    crop: CropConfig,
+    cfg: LabelConfig,
+    *,
+    upstream_errors: pa.Table | None = None,
+    shard_images: int | None = None,
+) -> dict[str, Any]:
+    """Pseudo-label every instance once; resumable; returns a summary dict.
+
+    Args:
+        instances: instance table (exits.data.coco schema) or its Parquet URI.
+        images: URI prefix the instances' ``file_name`` is relative to.
+        checkpoint: generator checkpoint URI (exits.checkpoints format).
+        output: run directory URI; results go to ``<output>/label/``.
+        crop: crop size S (= the generator's input size) and inference enlargement.
+        cfg: batch/pool sizes, devices, threshold, fault injection.
+        upstream_errors: error rows of earlier stages (e.g. prepare), carried into
+            ``errors/prepare.parquet`` so the errors output is complete.
+        shard_images: images per output shard (commit/resume unit); None: ``cfg.shard_images``.
+
+    Returns:
+        {"instances", "masks", "errors", "prepare_errors", "empty_masks", "crops", "shards",
+         "shards_skipped", "shards_written", "seconds", "first_result_s" (actor start-up and
+         pipeline fill), "crops_per_s" (this run's crops / seconds), "generator", "output"}
+    """
+    _validate(crop, cfg)
+    if shard_images is None:
+        shard_images = cfg.shard_images
+    started = time.time()
+    table = assign_shards(read_instances(instances), shard_images)
+    ckpt = describe_checkpoint(checkpoint)
+    if ckpt["kind"] != "generator":
+        raise ValueError(f"{checkpoint} is a {ckpt['kind']!r} checkpoint, not a generator")
+    if ckpt["input_size"] != crop.size:
+        raise ValueError(f"crop size {crop.size} != generator input size {ckpt['input_size']}")
+    gen_id = ckpt["id"]
+    fp = fingerprint(
+        table, generator=gen_id, images=images, size=crop.size, enlarge=crop.inference_enlarge,
+        threshold=cfg.threshold, shard_images=shard_images,
+    )  # fmt: skip
+    num_shards = int(table["shard"].to_numpy().max()) + 1 if table.num_rows else 0
+    stage_dir = manifest.stage_uri(output, STAGE)
+    plan_uri = storage.join(stage_dir, PLAN)
+    if storage.exists(plan_uri):
+        plan = storage.read_json(plan_uri)
+        if plan.get("fingerprint") != fp:
+            raise ValueError(
+                f"{stage_dir} holds a labelling run with other inputs/settings "
+                f"(plan {plan.get('fingerprint')} != {fp}); use a new output or delete it"
+            )
+    else:
+        storage.write_json(plan_uri, {"fingerprint": fp, "num_shards": num_shards,
+                                      "shard_images": shard_images, "instances": table.num_rows})  # fmt: skip
+    if upstream_errors is not None:
+        write_table(
+            upstream_errors.cast(ERROR_SCHEMA), storage.join(stage_dir, "errors", PREPARE_ERRORS)
+        )
+    if manifest.is_done(output, STAGE, fp):
+        log.info("label: %s already done (fingerprint %s)", stage_dir, fp)
+        return {**manifest.read_manifest(output, STAGE)["summary"], "cached": True}
+
+    done = committed_shards(output)
+    shards = table["shard"].to_numpy()
+    todo = table.filter(pa.array(~np.isin(shards, sorted(done))))
+    expected: dict[int, set[int]] = {}
+    for s, a in zip(todo["shard"].to_numpy(), todo["ann_id"].to_numpy()):
+        expected.setdefault(int(s), set()).add(int(a))
+    committer = ShardCommitter(output, expected)
+    t0, first_result = time.time(), None
+    if todo.num_rows:
+        ds = build_dataset(
+            image_rows(todo),
+            images=images,
+            checkpoint=checkpoint,
+            generator_id=gen_id,
+            crop=crop,
+            cfg=cfg,
+        )
+        for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow"), 1):
+            if first_result is None:
+                first_result = time.time() - t0
+            committer.add(batch)
+            if 0 < cfg.fail_after_batches <= n:
+                raise InjectedFault(f"fault injection: stopping after {n} result batches")
+    committer.check_complete()
+    seconds = time.time() - t0
+    counts = verify_outputs(output, table, upstream_errors)
+    summary = {
+        **counts,
+        "empty_masks": committer.counts["empty_masks"],
+        "crops": committer.counts["crops"],
+        "shards": num_shards,
+        "shards_skipped": len(done & set(range(num_shards))),
+        "shards_written": len(committer.committed),
+        "seconds": round(seconds, 3),
+        "first_result_s": round(first_result, 3) if first_result is not None else None,
+        "crops_per_s": round(committer.counts["crops"] / seconds, 2) if seconds > 0 else 0.0,
+        "generator": gen_id,
+        "output": stage_dir,
+    }
+    manifest.write_manifest(
+        output, STAGE, fp, started,
+        inputs={"instances": instances if isinstance(instances, str) else "<table>",
+                "images": images, "checkpoint": checkpoint},
+        config={"crop": vars(crop), "label": vars(cfg), "shard_images": shard_images},
+        summary=summary,
+    )  # fmt: skip
+    return summary

@@ -1,0 +1,257 @@
+"""Stage 1c Ray Data stages: decode + crop (CPU tasks), the generator (actor pool), paste back
++ RLE (CPU tasks), and ``build_dataset`` that chains them lazily (see :mod:`exits.label`)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pycocotools import mask as mask_utils
+
+from exits import storage
+from exits.config import CropConfig, LabelConfig
+from exits.data.coco import rle_to_json
+from exits.data.crops import crop_and_resize, enlarge_box, instance_box
+from exits.data.images import ImageError, load_image
+from exits.inference import mask_from_logits, predict_logits
+from exits.label.plan import RESULT_SCHEMA
+from exits.model.generator import OUTPUT_STRIDE  # generator logits are S/4 x S/4
+
+log = logging.getLogger(__name__)
+
+DECODE_MEMORY_FACTOR = 4  # decoded image + warp buffers, in units of the decoded RGB image
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: decode + crop (CPU tasks)
+# --------------------------------------------------------------------------------------
+def crop_images(
+    batch: pa.Table, *, images: str, size: int, enlarge: float
+) -> dict[str, np.ndarray]:
+    """Decode each image of ``batch`` (image rows) once and cut all of its instance crops.
+
+    Returns one row per instance: shard, ann_id, image_id, category_id, height, width,
+    bbox (N, 4) xywh, box / crop_box (N, 4) [x0, y0, x1, y1] edge coords, supervision,
+    reason ("" or why the instance is an error row) and crop (N, S, S, 3) uint8 RGB
+    (zeros for error rows).
+    """
+    out: dict[str, list] = {k: [] for k in (
+        "shard", "ann_id", "image_id", "category_id", "height", "width", "bbox", "box",
+        "crop_box", "supervision", "reason", "crop")}  # fmt: skip
+    blank = np.zeros((size, size, 3), np.uint8)
+    nan4 = np.full(4, np.nan)
+    for img in batch.to_pylist():
+        h, w = int(img["height"]), int(img["width"])
+        image_reason = None
+        try:
+            pixels = load_image(storage.join(images, img["file_name"]))
+            if pixels.shape[:2] != (h, w):
+                image_reason = f"image size {pixels.shape[1]}x{pixels.shape[0]} differs from annotation {w}x{h}"
+        except ImageError as e:
+            image_reason = e.reason
+        for k, ann_id in enumerate(img["ann_id"]):
+            points = img["extreme_points"][k]
+            bbox = img["bbox"][k]
+            box, supervision, reason = instance_box(points, bbox, h, w)
+            reason = image_reason or reason
+            crop_box = enlarge_box(box, enlarge) if reason is None else nan4
+            crop = crop_and_resize(pixels, crop_box, size)[0] if reason is None else blank
+            out["shard"].append(img["shard"])
+            out["ann_id"].append(ann_id)
+            out["image_id"].append(img["image_id"])
+            out["category_id"].append(img["category_id"][k])
+            out["height"].append(h)
+            out["width"].append(w)
+            out["bbox"].append(bbox if bbox is not None else nan4)
+            out["box"].append(box if box is not None else nan4)
+            out["crop_box"].append(crop_box)
+            out["supervision"].append(supervision)
+            out["reason"].append(reason or "")
+            out["crop"].append(crop)
+    n = len(out["ann_id"])
+    return {
+        "shard": np.asarray(out["shard"], np.int32),
+        "ann_id": np.asarray(out["ann_id"], np.int64),
+        "image_id": np.asarray(out["image_id"], np.int64),
+        "category_id": np.asarray(out["category_id"], np.int64),
+        "height": np.asarray(out["height"], np.int32),
+        "width": np.asarray(out["width"], np.int32),
+        "bbox": np.asarray(out["bbox"], np.float64).reshape(n, 4),
+        "box": np.asarray(out["box"], np.float64).reshape(n, 4),
+        "crop_box": np.asarray(out["crop_box"], np.float64).reshape(n, 4),
+        "supervision": np.asarray(out["supervision"], dtype=object),
+        "reason": np.asarray(out["reason"], dtype=str).astype(object),
+        "crop": np.stack(out["crop"]) if n else np.zeros((0, size, size, 3), np.uint8),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Stage 2: generator (actor pool)
+# --------------------------------------------------------------------------------------
+class MaskPredictor:
+    """The generator on one device: (B, S, S, 3) uint8 crops -> (B, S/4, S/4) float32 logits.
+
+    Args:
+        checkpoint: URI of a self-describing generator checkpoint (exits.checkpoints).
+        crop_size: S; must equal the generator's input size.
+        device: "cpu" or "cuda[:i]"; on CUDA the forward runs under bf16 autocast.
+    """
+
+    def __init__(self, checkpoint: str, *, crop_size: int, device: str = "cpu") -> None:
+        from exits.checkpoints import load_model
+
+        self.device = torch.device(device)
+        self.model, info = load_model(checkpoint, self.device)
+        if info.get("kind") != "generator":
+            raise ValueError(f"{checkpoint} is a {info.get('kind')!r} checkpoint, not a generator")
+        img_size = getattr(self.model, "img_size", crop_size)
+        if img_size != crop_size:
+            raise ValueError(f"generator input size {img_size} != crop size {crop_size}")
+        self.generator_id: str = info["id"]
+        self.crop_size = crop_size
+
+    def predict_torch(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops (B, S, S, 3) uint8 on any device -> logits (B, S/4, S/4) float32 on device."""
+        return predict_logits(self.model, crops, self.device)
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """numpy convenience: (B, S, S, 3) uint8 -> (B, S/4, S/4) float32 logits."""
+        return self.predict_torch(torch.from_numpy(np.ascontiguousarray(crops))).cpu().numpy()
+
+
+class GeneratorStage:
+    """Ray Data actor stage: loads the generator once, maps crop rows to logit rows.
+
+    Drops the ``crop`` column, adds ``logits`` (N, S/4, S/4) float32 (zeros for error rows)
+    and ``generator`` (checkpoint id).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        crop_size: int,
+        expected_id: str | None = None,
+        use_gpu: bool = False,
+        num_threads: int = 1,
+    ) -> None:
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("LabelConfig.use_gpu is set but this actor sees no CUDA device")
+        if not use_gpu:
+            torch.set_num_threads(max(1, num_threads))
+        self.predictor = MaskPredictor(
+            checkpoint, crop_size=crop_size, device="cuda" if use_gpu else "cpu"
+        )
+        if expected_id is not None and self.predictor.generator_id != expected_id:
+            raise RuntimeError(
+                f"checkpoint {checkpoint} changed during the run "
+                f"({self.predictor.generator_id} != {expected_id})"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        crops = batch.pop("crop")  # (N, S, S, 3) uint8
+        n, side = len(crops), self.predictor.crop_size // OUTPUT_STRIDE
+        ok = np.array([not r for r in batch["reason"]], dtype=bool)
+        logits = np.zeros((n, side, side), np.float32)
+        if ok.any():
+            logits[ok] = self.predictor.predict(crops[ok])
+        batch["logits"] = logits
+        batch["generator"] = np.full(n, self.predictor.generator_id, dtype=object)
+        return batch
+
+
+# --------------------------------------------------------------------------------------
+# Stage 3: paste back + RLE (CPU tasks)
+# --------------------------------------------------------------------------------------
+def paste_masks(batch: dict[str, np.ndarray], *, threshold: float) -> pa.Table:
+    """Logit rows -> RESULT_SCHEMA rows (mask rows, or error rows carrying ``reason``)."""
+    rows = []
+    for i in range(len(batch["ann_id"])):
+        reason = str(batch["reason"][i]) or None
+        row = {
+            "shard": int(batch["shard"][i]),
+            "ann_id": int(batch["ann_id"][i]),
+            "image_id": int(batch["image_id"][i]),
+            "category_id": int(batch["category_id"][i]),
+            "bbox": None,
+            "score": None,
+            "segmentation": None,
+            "area": None,
+            "generator": str(batch["generator"][i]),
+            "supervision": str(batch["supervision"][i]),
+            "reason": reason,
+        }
+        if reason is None:
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            mask, score = mask_from_logits(
+                batch["logits"][i], batch["box"][i], batch["crop_box"][i], (h, w), threshold
+            )
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            row.update(
+                bbox=[float(v) for v in batch["bbox"][i]],
+                score=score,
+                segmentation=rle_to_json(rle),
+                area=float(mask_utils.area(rle)),
+            )
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def crop_task_memory(rows: pa.Table, size: int, images_per_block: int) -> int:
+    """Bytes one crop task needs: its largest images decoded plus their S x S crops."""
+    pixels = np.asarray(rows["height"].to_numpy(), np.int64) * rows["width"].to_numpy()
+    per_image = int(pixels.max()) * 3 * DECODE_MEMORY_FACTOR
+    crops = int(max(len(a) for a in rows["ann_id"].to_pylist())) * size * size * 3
+    return images_per_block * (per_image + crops)
+
+
+def build_dataset(
+    rows: pa.Table,
+    *,
+    images: str,
+    checkpoint: str,
+    generator_id: str | None,
+    crop: CropConfig,
+    cfg: LabelConfig,
+):
+    """The lazy Ray Data pipeline over image rows (see the module docstring)."""
+    import ray.data
+
+    n = rows.num_rows
+    step = max(1, cfg.images_per_block)
+    blocks = [rows.slice(i, step) for i in range(0, n, step)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        crop_images,
+        batch_size=cfg.images_per_block,
+        batch_format="pyarrow",
+        fn_kwargs={"images": images, "size": crop.size, "enlarge": crop.inference_enlarge},
+        # A memory request sized from the metadata. It also keeps this CPU stage out of the
+        # actor stage: Ray Data fuses a task map into the following actor map when their
+        # remote args match, and the (GPU) actor would then decode JPEGs itself.
+        memory=crop_task_memory(rows, crop.size, cfg.images_per_block),
+    )
+    ds = ds.map_batches(
+        GeneratorStage,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "crop_size": crop.size,
+            "expected_id": generator_id,
+            "use_gpu": cfg.use_gpu,
+            "num_threads": int(max(1, round(cfg.cpus_per_actor))),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+        num_cpus=cfg.cpus_per_actor,
+        zero_copy_batch=True,
+    )
+    return ds.map_batches(
+        paste_masks,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        fn_kwargs={"threshold": cfg.threshold},
+    )

@@ -1,0 +1,42 @@
+"""Stage adapter ``eval``: metrics.json / metrics.md of the run and the HTML report."""
+
+from __future__ import annotations
+
+import time
+
+from exits import manifest, storage
+from exits.config import PipelineConfig
+from exits.evaluate.metrics import mmdet_metrics_table
+from exits.pipeline.common import STAGES, data_paths, stage_uri
+
+
+def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
+    from exits.evaluate import markdown_report, pseudo_label_miou
+
+    started = time.time()
+    paths = data_paths(run)
+    metrics: dict = {"dataset": cfg.data.name}
+    label_m = manifest.read_manifest(run, "label") or {}
+    if label_m.get("pseudo_json"):
+        metrics["pseudo_label_miou"] = pseudo_label_miou(
+            paths["annotations"], label_m["pseudo_json"]
+        )
+        metrics["label_summary"] = label_m.get("summary", {})
+    gen_m = manifest.read_manifest(run, "generator") or {}
+    if gen_m.get("metrics", {}).get("pseudo_label"):
+        metrics["pseudo_label_heldout"] = gen_m["metrics"]["pseudo_label"]
+    warm_m = manifest.read_manifest(run, "warmup") or {}
+    metrics["retrieval"] = warm_m.get("metrics", {})
+    s2 = (manifest.read_manifest(run, "stage2") or {}).get("metrics") or {}
+    if s2:
+        metrics["mask_ap"] = mmdet_metrics_table(s2)
+    metrics["stages"] = {
+        s: {"seconds": (manifest.read_manifest(run, s) or {}).get("seconds")} for s in STAGES[:-1]
+    }
+    storage.write_json(stage_uri(run, "eval", "metrics.json"), metrics)
+    storage.write_json(storage.join(run, "metrics.json"), metrics)
+    storage.write_text(stage_uri(run, "eval", "metrics.md"), markdown_report(metrics))
+    from exits.report import write_report
+
+    report = write_report(run)
+    return manifest.write_manifest(run, "eval", fp, started, metrics=metrics, report=report)

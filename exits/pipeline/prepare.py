@@ -1,0 +1,90 @@
+"""Stage adapter ``prepare``: the instance tables (train, held-out) and their error tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+
+from exits import manifest, storage
+from exits.config import PipelineConfig
+from exits.pipeline.common import stage_uri
+
+log = logging.getLogger("exits.pipeline")
+
+
+def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
+    """Generate the synthetic demo set under <run>/data (uploaded when the run is on s3)."""
+    from exits.data.synthetic import write_demo_dataset
+
+    d = cfg.data
+    target = storage.join(run, "data")
+    if storage.is_s3(run):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_demo_dataset(tmp, d.synthetic_images, d.synthetic_image_size, d.synthetic_seed)
+            storage.upload_dir(tmp, target)
+    else:
+        write_demo_dataset(target, d.synthetic_images, d.synthetic_image_size, d.synthetic_seed)
+    ann = storage.join(target, "annotations")
+    img = storage.join(target, "images")
+    return (
+        storage.join(ann, "instances_train.json"),
+        img,
+        storage.join(ann, "instances_val.json"),
+        img,
+    )
+
+
+def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
+    """Split the train json into training and held-out jsons under <run>/data."""
+    from exits.data.split import split_coco
+
+    d = cfg.data
+    coco = json.loads(storage.read_bytes(d.annotations))
+    train, held = split_coco(coco, d.holdout_images, d.holdout_salt)
+    target = storage.join(run, "data", "annotations")
+    out = (
+        storage.join(target, "instances_train.json"),
+        storage.join(target, "instances_holdout.json"),
+    )
+    storage.publish_bytes(out[0], json.dumps(train).encode())
+    storage.publish_bytes(out[1], json.dumps(held).encode())
+    log.info(
+        "holdout split: %d training / %d held-out images", len(train["images"]), len(held["images"])
+    )
+    return out
+
+
+def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
+    from exits.data.coco import load_instances, write_table
+
+    started = time.time()
+    d = cfg.data
+    if d.annotations and d.holdout_images > 0 and not d.val_annotations:
+        train_json, held_json = _holdout_data(cfg, run)
+        paths = {"annotations": train_json, "images": d.images,
+                 "val_annotations": held_json, "val_images": d.images}  # fmt: skip
+    elif d.annotations:
+        paths = {"annotations": d.annotations, "images": d.images,
+                 "val_annotations": d.val_annotations or "", "val_images": d.val_images or d.images}  # fmt: skip
+    elif d.name == "demo":
+        ann, img, val, vimg = _demo_data(cfg, run)
+        paths = {"annotations": ann, "images": img, "val_annotations": val, "val_images": vimg}
+    else:
+        raise ValueError(f"dataset {d.name!r} has no data.annotations configured")
+    inst, err = load_instances(paths["annotations"], paths["images"])
+    if d.max_instances > 0 and inst.num_rows > d.max_instances:
+        inst = inst.slice(0, d.max_instances)
+    write_table(inst, stage_uri(run, "prepare", "instances.parquet"))
+    write_table(err, stage_uri(run, "prepare", "errors.parquet"))
+    counts = {"instances": inst.num_rows, "errors": err.num_rows}
+    if paths["val_annotations"]:
+        vinst, verr = load_instances(paths["val_annotations"], paths["val_images"])
+        write_table(vinst, stage_uri(run, "prepare", "val_instances.parquet"))
+        counts.update(val_instances=vinst.num_rows, val_errors=verr.num_rows)
+    counts["separated"] = int(sum(bool(s) for s in inst["separated"].to_pylist()))
+    return manifest.write_manifest(
+        run, "prepare", fp, started, data=paths, counts=counts, config=asdict(d)
+    )

@@ -1,0 +1,324 @@
+"""Stage 1c pseudo-labelling: S3 round trip, resume exactly once, bad input, COCO export, job."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from exits import storage
+from exits.config import CropConfig, LabelConfig
+from exits.data.coco import INSTANCE_SCHEMA, load_instances, read_table
+from exits.label import (
+    InjectedFault,
+    OutputMismatch,
+    assign_shards,
+    image_rows,
+    label_instances,
+    mask_from_logits,
+    read_errors,
+    read_masks,
+    shard_uri,
+    verify_outputs,
+)
+
+CROP = CropConfig(size=96)  # vit_tiny_demo input size
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def small_cfg(**kw) -> LabelConfig:
+    return LabelConfig(**{"batch_size": 4, "images_per_block": 1, "num_actors": 1, **kw})
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(moto_server):
+    """A small local Ray cluster started after the moto env is set (workers inherit it)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def generator_ckpt(tmp_path_factory) -> str:
+    """A randomly initialised vit_tiny_demo generator (96² crops)."""
+    import torch
+
+    from exits.checkpoints import save_model
+    from exits.model.generator import build_generator
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt") / "generator.pt")
+    save_model(
+        path, build_generator("vit_tiny_demo"), "vit_tiny_demo", "generator", {"img_size": 96}
+    )
+    return path
+
+
+def decode(row: dict) -> np.ndarray:
+    rle = json.loads(row["segmentation"])
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def assert_inside_box(row: dict, hw: tuple[int, int]) -> None:
+    mask = decode(row)
+    assert mask.shape == hw
+    x, y, w, h = row["bbox"]
+    inside = np.zeros(hw, bool)
+    inside[int(np.floor(y)) : int(np.ceil(y + h)), int(np.floor(x)) : int(np.ceil(x + w))] = True
+    assert not (mask & ~inside).any(), f"mask of {row['ann_id']} leaks out of its box"
+    assert row["area"] == mask.sum()
+
+
+# ---------------------------------------------------------------------------------- units
+def test_shards_and_image_rows_are_deterministic():
+    rows = [
+        {"image_id": i, "ann_id": 100 + k, "category_id": 1, "file_name": f"{i}.png", "height": 10,
+         "width": 10, "bbox": [0.0, 0.0, 5.0, 5.0], "extreme_points": None, "supervision": "box"}
+        for k, i in enumerate([5, 3, 5, 9, 1, 3])
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA)
+    a = assign_shards(table, 2)
+    b = assign_shards(table.take([5, 4, 3, 2, 1, 0]), 2)
+    assert (
+        a["shard"].to_pylist() == b["shard"].to_pylist() == [0, 0, 0, 1, 1, 1]
+    )  # images 1, 3 | 5, 9
+    assert a["ann_id"].to_pylist() == [104, 101, 105, 100, 102, 103]
+    per_image = image_rows(a)
+    assert per_image["image_id"].to_pylist() == [1, 3, 5, 9]
+    assert per_image["ann_id"].to_pylist() == [[104], [101, 105], [100, 102], [103]]
+
+
+def test_mask_from_logits_zero_outside_box():
+    logits = np.full((24, 24), 5.0, np.float32)  # everything foreground in crop space
+    box = np.array([20.0, 30.0, 50.0, 60.0])
+    crop_box = np.array([15.5, 25.5, 54.5, 64.5])
+    mask, score = mask_from_logits(logits, box, crop_box, (96, 96), 0.5)
+    assert mask.sum() == 30 * 30 and mask[30:60, 20:50].all()
+    assert score == pytest.approx(1 / (1 + np.exp(-5.0)), rel=1e-4)
+
+
+# ---------------------------------------------------------------------- integration (Ray)
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, moto_server, demo_dataset, generator_ckpt):
+    """Demo set + checkpoint uploaded to a moto bucket, labelled to s3://bucket/run."""
+    import uuid
+
+    import boto3
+
+    bucket = f"exits-label-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    root = f"s3://{bucket}"
+    storage.upload_dir(demo_dataset["images"], f"{root}/data/images")
+    storage.write_bytes(f"{root}/data/train.json", open(demo_dataset["annotations"], "rb").read())
+    storage.write_bytes(f"{root}/gen.pt", open(generator_ckpt, "rb").read())
+    instances, _ = load_instances(
+        f"{root}/data/train.json", f"{root}/data/images", check_files=False
+    )
+    summary = label_instances(
+        instances, f"{root}/data/images", f"{root}/gen.pt", f"{root}/run", CROP, small_cfg(batch_size=8),
+        shard_images=4,
+    )  # fmt: skip
+    return {"root": root, "instances": instances, "summary": summary}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_label_to_s3_round_trip(s3_run):
+    instances, summary, run = s3_run["instances"], s3_run["summary"], f"{s3_run['root']}/run"
+    assert summary["masks"] == instances.num_rows and summary["errors"] == 0
+    masks = read_masks(run)
+    assert sorted(masks["ann_id"].to_pylist()) == sorted(instances["ann_id"].to_pylist())
+    sizes = {r["ann_id"]: (r["height"], r["width"]) for r in instances.to_pylist()}
+    for row in masks.to_pylist():
+        assert_inside_box(row, sizes[row["ann_id"]])
+        assert row["generator"] == summary["generator"] and 0.0 <= row["score"] <= 1.0
+        assert row["supervision"] == "extreme_points"
+    assert storage.exists(f"{run}/label/manifest.json")
+    again = label_instances(
+        instances, f"{s3_run['root']}/data/images", f"{s3_run['root']}/gen.pt", run, CROP,
+        small_cfg(batch_size=8), shard_images=4,
+    )  # fmt: skip
+    assert again.get("cached") and again["masks"] == summary["masks"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_export_coco_loads_with_pycocotools(s3_run, tmp_path):
+    from pycocotools.coco import COCO
+
+    from exits.label.export import export_coco
+
+    root = s3_run["root"]
+    out = f"{root}/run/label/pseudo_coco.json"
+    stats = export_coco(f"{root}/run/label/masks", f"{root}/data/train.json", out)
+    local = tmp_path / "pseudo.json"
+    local.write_bytes(storage.read_bytes(out))
+    coco = COCO(str(local))
+    source = storage.read_json(f"{root}/data/train.json")
+    assert coco.dataset["categories"] == source["categories"]
+    assert len(coco.getImgIds()) == len(source["images"])
+    assert (
+        len(coco.getAnnIds())
+        == stats["annotations"]
+        == s3_run["summary"]["masks"] - stats["skipped_empty"]
+    )
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        m = coco.annToMask(ann)
+        img = coco.imgs[ann["image_id"]]
+        assert m.shape == (img["height"], img["width"]) and m.sum() == ann["area"] > 0
+        assert ann["iscrowd"] == 0 and 0 <= ann["score"] <= 1
+        assert ann["bbox"] == [
+            float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m)))
+        ]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_interrupt_and_resume_exactly_once(ray_cluster, demo_dataset, generator_ckpt, tmp_path):
+    instances, _ = load_instances(
+        demo_dataset["annotations"], demo_dataset["images"], check_files=False
+    )
+    run = str(tmp_path / "run")
+    args = (instances, demo_dataset["images"], generator_ckpt, run, CROP)
+    with pytest.raises(InjectedFault):
+        label_instances(*args, small_cfg(fail_after_batches=5), shard_images=2)
+    masks_dir = os.path.join(run, "label", "masks")
+    before = {f: os.stat(os.path.join(masks_dir, f)).st_mtime_ns for f in os.listdir(masks_dir)}
+    num_shards = json.loads(open(os.path.join(run, "label", "plan.json")).read())["num_shards"]
+    assert 1 <= len(before) < num_shards, "the fault should hit part way through"
+    with pytest.raises(OutputMismatch, match="missing"):
+        verify_outputs(run, instances)
+    summary = label_instances(*args, small_cfg(), shard_images=2)
+    assert summary["shards_skipped"] == len(before)
+    assert summary["shards_written"] == num_shards - len(before)
+    after = {f: os.stat(os.path.join(masks_dir, f)).st_mtime_ns for f in os.listdir(masks_dir)}
+    assert all(after[f] == t for f, t in before.items()), "finished shards were rewritten"
+    ids = read_masks(run)["ann_id"].to_pylist() + read_errors(run)["ann_id"].to_pylist()
+    assert sorted(ids) == sorted(instances["ann_id"].to_pylist())  # none missing, none twice
+    # a duplicated shard file is caught loudly
+    shutil.copy(shard_uri(run, "masks", 0), os.path.join(masks_dir, "shard-99999.parquet"))
+    with pytest.raises(OutputMismatch, match="duplicated"):
+        verify_outputs(run, instances)
+
+
+@pytest.fixture
+def bad_dataset(demo_dataset, tmp_path) -> dict:
+    """The demo set with one corrupt JPEG, one missing file and one undersized image."""
+    images = tmp_path / "images"
+    shutil.copytree(demo_dataset["images"], images)
+    data = json.loads(open(demo_dataset["annotations"]).read())
+    corrupt, missing, small = data["images"][0], data["images"][1], data["images"][2]
+    buf = io.BytesIO()
+    Image.fromarray(np.full((96, 96, 3), 128, np.uint8)).save(buf, format="JPEG")
+    (images / "corrupt.jpg").write_bytes(buf.getvalue()[:300])
+    corrupt["file_name"] = "corrupt.jpg"
+    missing["file_name"] = "missing.png"
+    Image.open(images / small["file_name"]).resize((64, 64)).save(images / "small.png")
+    small["file_name"] = "small.png"  # the json still says 96 x 96
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return {"annotations": str(path), "images": str(images), "data": data}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bad_input_becomes_error_rows(ray_cluster, bad_dataset, generator_ckpt, tmp_path):
+    instances, _ = load_instances(
+        bad_dataset["annotations"], bad_dataset["images"], check_files=False
+    )
+    rows = instances.to_pylist()
+    by_image = {
+        i["id"]: [r["ann_id"] for r in rows if r["image_id"] == i["id"]]
+        for i in bad_dataset["data"]["images"][:3]
+    }
+    corrupt_img, missing_img, small_img = list(by_image)
+    clean = [r for r in rows if r["image_id"] not in by_image]
+    degenerate, box_only = clean[0], clean[1]
+    degenerate["extreme_points"] = [[40, 40], [40, 40], [40, 40], [40, 40]]
+    box_only["extreme_points"], box_only["supervision"] = None, "box"
+    table = pa.Table.from_pylist(rows, schema=instances.schema)
+    run = str(tmp_path / "run")
+    summary = label_instances(
+        table, bad_dataset["images"], generator_ckpt, run, CROP, small_cfg(), shard_images=3
+    )
+    errors = {r["ann_id"]: r for r in read_errors(run).to_pylist()}
+    expected = {**{a: "corrupt image" for a in by_image[corrupt_img]},
+                **{a: "missing image file" for a in by_image[missing_img]},
+                **{a: "image size 64x64 differs from annotation 96x96" for a in by_image[small_img]},
+                degenerate["ann_id"]: "degenerate extreme points"}  # fmt: skip
+    assert set(errors) == set(expected)
+    for ann_id, reason in expected.items():
+        assert reason in errors[ann_id]["reason"] and errors[ann_id]["stage"] == "label"
+    masks = read_masks(run)
+    assert summary["masks"] == masks.num_rows == len(rows) - len(expected)
+    box_row = [r for r in masks.to_pylist() if r["ann_id"] == box_only["ann_id"]][0]
+    assert box_row["supervision"] == "box"
+    assert_inside_box(box_row, (96, 96))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, capsys):
+    job = _load_job()
+
+    # one annotation the prepare stage rejects is carried into the errors output
+    data = json.loads(open(demo_dataset["annotations"]).read())
+    data["annotations"].append({**data["annotations"][0], "id": 10**6, "category_id": 999})
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    out = str(tmp_path / "run")
+    summary = job.main(["--checkpoint", generator_ckpt, "--annotations", str(ann), "--images",
+                    demo_dataset["images"], "--output", out, "--config", os.path.join(REPO, "configs", "label", "cpu.yaml"),
+                    "--batch-size", "8", "label.shard_images=2"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        lines[-2].startswith("pseudo_label:") and json.loads(lines[-1])["masks"] == summary["masks"]
+    )
+    assert summary["prepare_errors"] == 1 and summary["instances"] == len(data["annotations"]) - 1
+    # LabelConfig.shard_images (here from an override) sets the shard size of the job's run
+    n_images = len({a["image_id"] for a in data["annotations"]})
+    assert summary["shards"] == -(-n_images // 2) > 1
+    assert summary["coco_json"] == os.path.join(out, "label", "pseudo_coco.json")
+    prepare = read_table(os.path.join(out, "label", "errors", "prepare.parquet")).to_pylist()
+    assert prepare[0]["ann_id"] == 10**6 and "unknown category" in prepare[0]["reason"]
+    exported = json.loads(open(summary["coco_json"]).read())
+    assert len(exported["annotations"]) == summary["masks"] - summary["empty_masks"]
+
+
+def _load_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pseudo_label_job", os.path.join(REPO, "jobs", "pseudo_label.py")
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_job_config_one_path_flags_win():
+    """jobs/pseudo_label.py builds its config through exits.config.load_config: overrides
+    apply, explicit flags win, --use-gpu is the config's device=cuda switch."""
+    job = _load_job()
+    cpu_yaml = os.path.join(REPO, "configs", "label", "cpu.yaml")
+    args = job.parse_args(["--checkpoint", "ckpt.pt", "--annotations", "a.json", "--images", "img",
+                           "--output", "out", "--config", cpu_yaml, "--batch-size", "8",
+                           "--use-gpu", "label.shard_images=3", "label.batch_size=4"])  # fmt: skip
+    cfg = job.build_config(args)
+    assert cfg.label.shard_images == 3 and cfg.label.batch_size == 8 and cfg.crop.size == 96
+    assert cfg.device == "cuda" and cfg.label.use_gpu and cfg.label.gpus_per_actor == 1.0
+    assert job.EXPORT_NAME == "pseudo_coco.json"
