@@ -7,7 +7,8 @@ renders one self-contained page (inline CSS, no scripts):
   manifest is "not run" (or "incomplete" when its folder exists without a manifest);
 * metric tables: retrieval precision/recall/AUC per similarity source (stage 1a), pseudo-label
   mIoU all/separated/small/medium/large (stage 1b held-out, and the labelled train set from
-  eval), mask AP (stage 2), the labelling summary (stage 1c);
+  eval), each with the box-as-mask baseline eval computed in the row below it, mask AP
+  (stage 2: the segm/bbox AP figures only), the labelling summary (stage 1c);
 * loss curves of stage 1a and 1b (their ``loss.png``, or re-plotted from ``metrics.csv``);
 * the errors table (first rows with reasons, counts by reason);
 * overlays: pseudo masks (``label/masks``) next to the GT (``prepare`` instance table) with
@@ -53,6 +54,8 @@ OVERLAY_MIN_SIDE = 256  # small images are upscaled (nearest) to at least this h
 OVERLAY_MAX_SIDE = 640  # large images are downscaled to at most this side
 RETRIEVAL_TILE = 288  # pixels per retrieval crop tile
 MIOU_GROUPS = ("all", "separated", "small", "medium", "large")
+# a stage-2 AP figure: mmdet's "coco/segm_mAP_50", eval's "segm.mAP_50" (not iter, epoch, lr)
+AP_KEY = re.compile(r"(?:^|[/._])(?:segm|bbox)[/._]m?AP")
 RETRIEVAL_KEYS = (
     "fg_precision",
     "fg_recall",
@@ -206,10 +209,11 @@ class _Run:
         return self.manifests.get(stage) or {}
 
 
-def _load_run(run: str) -> _Run:
+def _load_run(run: str, pending: dict[str, dict] | None = None) -> _Run:
     manifests = {
         s: _read_json(manifest.stage_uri(run, s, manifest.MANIFEST)) for s in manifest.STAGES
     }
+    manifests.update(pending or {})
     folders = {s for s in manifest.STAGES if storage.exists(manifest.stage_uri(run, s))}
     metrics = _read_json(manifest.stage_uri(run, "eval", "metrics.json"))
     return _Run(
@@ -232,9 +236,7 @@ def _stage_counts(stage: str, m: dict) -> list[tuple[str, Any]]:
         s = m.get("summary") or {}
         return [(k, s.get(k)) for k in ("instances", "masks", "errors", "crops_per_s") if k in s]
     if stage == "stage2":
-        return [(k, v) for k, v in _flatten(m.get("metrics") or {}) if isinstance(v, int | float)][
-            :4
-        ]
+        return _ap_items(m.get("metrics") or {})[:4]
     if stage == "eval":
         return [("report", "yes")] if m.get("report") else []
     return []
@@ -299,11 +301,17 @@ def _miou_table(r: _Run) -> str:
     held = (r.m("generator").get("metrics") or {}).get("pseudo_label") or (
         r.eval_metrics or {}
     ).get("pseudo_label_heldout")
+    ev = r.eval_metrics or {}
+    baseline = "↳ box as mask (baseline)"
     if isinstance(held, dict):
         rows.append(_miou_row("held-out val (stage 1b generator)", held))
-    train = (r.eval_metrics or {}).get("pseudo_label_miou")
+        box = ev.get("pseudo_label_heldout_box")
+        rows.append(_miou_row(baseline, box if isinstance(box, dict) else {}))
+    train = ev.get("pseudo_label_miou")
     if isinstance(train, dict):
         rows.append(_miou_row("train pseudo labels (stage 1c)", train))
+        box = ev.get("pseudo_label_miou_box")
+        rows.append(_miou_row(baseline, box if isinstance(box, dict) else {}))
     title = "<h3>Pseudo-label mIoU</h3>"
     if not rows:
         return title + _missing("not run (no generator / eval metrics)")
@@ -317,10 +325,16 @@ def _miou_table(r: _Run) -> str:
     return title + _table(header, rows)
 
 
+def _ap_items(metrics: dict) -> list[tuple[str, Any]]:
+    """The segm/bbox AP figures of stage-2 metrics (mmdet's ``coco/segm_mAP_50`` or eval's
+    ``segm.mAP_50``), without the bookkeeping mmdet reports beside them (iter, epoch, lr)."""
+    return [(k, v) for k, v in _flatten(metrics) if AP_KEY.search(k) and isinstance(v, int | float)]
+
+
 def _ap_table(r: _Run) -> str:
     metrics = r.m("stage2").get("metrics") or (r.eval_metrics or {}).get("mask_ap") or {}
     title = "<h3>Mask AP (stage 2)</h3>"
-    rows = [[k, v] for k, v in _flatten(metrics) if isinstance(v, int | float | str) or v is None]
+    rows = [[k, v] for k, v in _ap_items(metrics)]
     if not rows:
         return title + _missing("not run (no stage-2 metrics)")
     return title + _table(["metric", "value"], rows)
@@ -797,18 +811,20 @@ def render_html(r: _Run, max_overlays: int) -> str:
     )
 
 
-def write_report(run: str, max_overlays: int = 8) -> str:
+def write_report(run: str, max_overlays: int = 8, pending: dict[str, dict] | None = None) -> str:
     """Render ``<run>/report/index.html`` (and its PNGs) from whatever the run holds.
 
     Args:
         run: run directory (local path or ``s3://`` URI).
         max_overlays: images in the pseudo-vs-GT overlay section (also caps the retrieval
             crops at ``min(8, max_overlays)``); 0 disables both figures.
+        pending: manifests of stages finishing now, by stage name, used instead of what the
+            run holds: the eval stage draws the page before it publishes its own manifest.
 
     Returns:
         The URI of ``index.html``.
     """
-    r = _load_run(run)
+    r = _load_run(run, pending)
     page = render_html(r, max_overlays)
     uri = storage.join(r.out, INDEX)
     storage.publish_bytes(uri, page.encode("utf-8"))
