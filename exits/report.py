@@ -14,7 +14,10 @@ renders one self-contained page (inline CSS, no scripts):
 * overlays: pseudo masks (``label/masks``) next to the GT (``prepare`` instance table) with
   the extreme points, for a few images;
 * a retrieval figure: for a few val crops, the initial FG points (extreme points moved inward)
-  and the retrieved pseudo-FG / pseudo-BG patches of the configured similarity source.
+  and the retrieved pseudo-FG / pseudo-BG patches of the configured similarity source, drawn
+  from what the eval stage saved (``eval/retrieval_examples.npz`` + ``.json``).
+
+The report draws only: it computes no metric and runs no model.
 
 A figure that cannot be drawn (missing inputs, unreadable files) shows "figure unavailable:
 reason" instead of failing the report.
@@ -42,14 +45,12 @@ import pyarrow.parquet as pq
 
 from exits import manifest, storage
 from exits.data.images import ImageError
-from exits.method.similarity import EXTRACTOR_SOURCES
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 INDEX = "index.html"
 ERROR_ROWS = 50
-RETRIEVAL_CROPS = 8
 OVERLAY_MIN_SIDE = 256  # small images are upscaled (nearest) to at least this height
 OVERLAY_MAX_SIDE = 640  # large images are downscaled to at most this side
 RETRIEVAL_TILE = 288  # pixels per retrieval crop tile
@@ -578,17 +579,8 @@ def _overlay_section(r: _Run, max_overlays: int) -> str:
 
 
 # ----------------------------------------------------------------------------- retrieval
-def _retrieval_inputs(r: _Run) -> tuple[dict, dict]:
-    """(retrieval config dict, crop config dict) from config.json, else the stage manifests."""
-    cfg = r.config or {}
-    rc = cfg.get("retrieval") or (r.m("warmup").get("config") or {}).get("retrieval") or \
-        (r.m("generator").get("config") or {}).get("retrieval")  # fmt: skip
-    crop = cfg.get("crop") or (r.m("label").get("config") or {}).get("crop") or {}
-    if not rc:
-        raise KeyError(
-            "no retrieval config (config.json and the warmup/generator manifests lack it)"
-        )
-    return rc, crop
+EXAMPLES_NPZ = "retrieval_examples.npz"  # written by the eval stage (exits.pipeline.eval)
+EXAMPLES_JSON = "retrieval_examples.json"
 
 
 def _patch_rect(k: int, grid: int, p: float) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -596,26 +588,26 @@ def _patch_rect(k: int, grid: int, p: float) -> tuple[tuple[int, int], tuple[int
     return (round(col * p), round(row * p)), (round((col + 1) * p) - 1, round((row + 1) * p) - 1)
 
 
-def _draw_retrieval(
-    crop: np.ndarray, item: dict, geo_row: dict, labels: np.ndarray, grid: int, scale: int
-) -> np.ndarray:
-    """Two panels for one crop: the input (box, extreme points, initial FG/BG points) and the
-    retrieval (pseudo-FG green, pseudo-BG red over a grey crop; GT contour cyan)."""
+def _draw_retrieval(ex: dict, i: int, grid: int, scale: int) -> np.ndarray:
+    """Two panels for crop ``i`` of the eval stage's retrieval examples: the input (box,
+    extreme points, initial FG/BG points) and the retrieval (pseudo-FG green, pseudo-BG red
+    over a grey crop; GT contour cyan)."""
+    crop = ex["image"][i]
     S = crop.shape[0]
     side = S * scale
     big = cv2.resize(crop, (side, side), interpolation=cv2.INTER_NEAREST)
     p = side / grid
-    fg, bg, in_box = geo_row["fg"], geo_row["bg"], geo_row["in_box"]
+    fg, bg, in_box, labels = ex["fg"][i], ex["bg"][i], ex["in_box"][i], ex["labels"][i]
     yellow, green, red, cyan = (255, 220, 0), (30, 200, 30), (230, 30, 30), (0, 220, 255)
-    box = [round(float(v) * scale) for v in item["box"].tolist()]
+    box = [round(float(v) * scale) for v in ex["box"][i].tolist()]
 
     def decorate(img: np.ndarray, points: bool) -> None:
         cv2.rectangle(img, (box[0], box[1]), (box[2] - 1, box[3] - 1), (255, 255, 255), 1)
         for k in np.flatnonzero(fg):  # initial FG: the extreme points moved inward, as patches
             a, b = _patch_rect(k, grid, p)
             cv2.rectangle(img, a, b, yellow, 2)
-        if points and bool(item["has_points"]):
-            for x, y in item["points"].numpy():
+        if points and bool(ex["has_points"][i]):
+            for x, y in ex["points"][i]:
                 c = (round((x + 0.5) * scale), round((y + 0.5) * scale))
                 cv2.circle(img, c, 4, (255, 255, 255), -1)
                 cv2.circle(img, c, 4, (0, 0, 0), 1)
@@ -636,7 +628,7 @@ def _draw_retrieval(
     for k in np.flatnonzero(retrieved & (labels == 0)):
         cv2.rectangle(overlay, *_patch_rect(k, grid, p), red, -1)
     right = np.clip(grey * 0.4 + overlay * 0.6, 0, 255).astype(np.uint8)
-    gt = item["gt"].numpy().astype(np.uint8)
+    gt = ex["gt"][i].astype(np.uint8)
     if gt.any():
         gt = cv2.resize(gt, (side, side), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(gt, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -656,99 +648,27 @@ def _retrieval_section(r: _Run, n_crops: int) -> str:
 
 
 def _retrieval_figure(r: _Run, n_crops: int) -> str:
-    import pyarrow.compute as pc
-    import torch
-
-    from exits.config import RetrievalConfig
-    from exits.data.crops import INFERENCE_ENLARGE
-    from exits.data.transforms import normalize
-    from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
-    from exits.train.data import CropDataset, CropSpec
-
-    rc_dict, crop_cfg = _retrieval_inputs(r)
-    fields = {f.name for f in dataclasses.fields(RetrievalConfig)}
-    rcfg = RetrievalConfig(**{k: v for k, v in rc_dict.items() if k in fields})
-    prep = r.m("prepare")
-    if not prep:
-        raise KeyError("prepare has not run")
-    data = prep.get("data") or {}
-    table_uri = manifest.stage_uri(r.uri, "prepare", "val_instances.parquet")
-    images, split = data.get("val_images") or data.get("images"), "val"
-    if not storage.exists(table_uri):
-        table_uri, images, split = (
-            manifest.stage_uri(r.uri, "prepare", "instances.parquet"),
-            data.get("images"),
-            "train",
-        )
-    if not images:
-        raise KeyError("prepare manifest has no images prefix")
-    table = _read_parquet(table_uri)
-    table = table.filter(pc.equal(table["supervision"], "extreme_points")).slice(0, n_crops)
-    if table.num_rows == 0:
-        raise ValueError(f"no {split} instances with extreme points")
-    extractor, note = None, ""
-    warm = manifest.stage_uri(r.uri, "warmup", "model.pt")
-    size = int(crop_cfg.get("size") or 0)
-    grid = 0
-    if storage.exists(warm):
-        from exits.checkpoints import load_model
-
-        model, _ = load_model(warm)
-        grid, size = int(model.grid), int(getattr(model, "img_size", size) or size)
-        if rcfg.similarity in EXTRACTOR_SOURCES:
-            extractor = model
-    elif rcfg.similarity in EXTRACTOR_SOURCES:
-        raise ValueError(
-            f"similarity {rcfg.similarity!r} needs the warmup extractor (warmup/model.pt missing)"
-        )
-    if size <= 0:
-        raise KeyError("no crop size (config.json crop.size missing and no warmup model)")
-    if grid <= 0:
-        grid, note = size // 8, " (grid = crop size / 8: no warmup model)"
-    spec = CropSpec(
-        size=size,
-        train=False,
-        inference_enlarge=float(crop_cfg.get("inference_enlarge", INFERENCE_ENLARGE)),
-    )
-    ds = CropDataset(table, images, spec)
-    items = [ds[i] for i in range(len(ds))]
-    batch = torch.utils.data.default_collate(items)
-    with torch.no_grad():
-        geo = grid_geometry(batch, grid, rcfg.delta)
-        sim = similarity_matrix(
-            rcfg.similarity,
-            batch["image"],
-            normalize(batch["image"].float() / 255.0),
-            grid,
-            extractor,
-            rcfg,
-        )
-        labels = retrieve(sim, geo, rcfg).cpu().numpy()
+    """Draw the retrieval examples the eval stage saved (``eval/retrieval_examples.*``)."""
+    meta = _read_json(manifest.stage_uri(r.uri, "eval", EXAMPLES_JSON))
+    if meta is None:
+        raise FileNotFoundError(f"eval/{EXAMPLES_JSON} missing (the eval stage has not run)")
+    if "unavailable" in meta:
+        raise ValueError(meta["unavailable"])
+    with np.load(
+        io.BytesIO(storage.read_bytes(manifest.stage_uri(r.uri, "eval", EXAMPLES_NPZ)))
+    ) as z:
+        ex = {k: z[k][:n_crops] for k in z.files}
+    size, grid = int(meta["size"]), int(meta["grid"])
     scale = max(1, RETRIEVAL_TILE // size)
+    ann_ids = meta.get("ann_ids") or []
     tiles, captions = [], []
-    gt_patch = (
-        torch.nn.functional.adaptive_avg_pool2d(batch["gt"].float()[:, None], grid)
-        .flatten(1)
-        .numpy()
-        >= 0.5
-    )
-    rows = table.to_pylist()
-    for i, item in enumerate(items):
-        g = {"fg": geo.fg[i].numpy(), "bg": geo.bg[i].numpy(), "in_box": geo.in_box[i].numpy()}
-        crop = item["image"].permute(1, 2, 0).numpy()
-        tiles.append(_draw_retrieval(crop, item, g, labels[i], grid, scale))
-        pseudo = g["in_box"] & ~g["fg"] & ~g["bg"]
-        rfg, rbg = pseudo & (labels[i] == 1), pseudo & (labels[i] == 0)
-        has_gt = bool(item["gt"].any())
-        prec_fg = (
-            float((rfg & gt_patch[i]).sum() / rfg.sum()) if has_gt and rfg.sum() else float("nan")
-        )
-        prec_bg = (
-            float((rbg & ~gt_patch[i]).sum() / rbg.sum()) if has_gt and rbg.sum() else float("nan")
-        )
-        captions.append(
-            f"ann {rows[i]['ann_id']}: FG {int(rfg.sum())} (prec {_fmt(prec_fg)}), BG {int(rbg.sum())} (prec {_fmt(prec_bg)})"
-        )
+    for i in range(len(ex["image"])):
+        tiles.append(_draw_retrieval(ex, i, grid, scale))
+        ann = ann_ids[i] if i < len(ann_ids) else "?"
+        captions.append(f"ann {ann}: FG {int(ex['n_fg'][i])} (prec {_fmt(float(ex['prec_fg'][i]))}), "
+                        f"BG {int(ex['n_bg'][i])} (prec {_fmt(float(ex['prec_bg'][i]))})")  # fmt: skip
+    if not tiles:
+        raise ValueError("the eval stage saved no retrieval examples")
     cols = min(2, len(tiles))
     blank = np.full_like(tiles[0], 255)
     rows_img = []
@@ -768,10 +688,11 @@ def _retrieval_figure(r: _Run, n_crops: int) -> str:
         '<span style="color:#00a0c8">cyan: GT contour</span>'
         "<span>white: box and extreme points</span></p>"
     )
-    meta = (f"similarity <b>{_esc(rcfg.similarity)}</b>, {_esc(split)} crops {size}×{size}, grid {grid}×{grid}{_esc(note)}, "
-            f"threshold rule {_esc(rcfg.threshold_rule)}, hops {rcfg.hops}, δ {rcfg.delta}")  # fmt: skip
+    line = (f"similarity <b>{_esc(meta.get('similarity'))}</b>, {_esc(meta.get('split'))} crops {size}×{size}, "
+            f"grid {grid}×{grid}{_esc(meta.get('note', ''))}, threshold rule {_esc(meta.get('threshold_rule'))}, "
+            f"hops {_esc(meta.get('hops'))}, δ {_esc(meta.get('delta'))}")  # fmt: skip
     caption = "Crops left to right, top to bottom: " + "; ".join(captions)
-    return legend + f'<p class="meta">{meta}</p>' + _img("retrieval.png", caption)
+    return legend + f'<p class="meta">{line}</p>' + _img("retrieval.png", caption)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -788,7 +709,7 @@ def render_html(r: _Run, max_overlays: int) -> str:
         _copy_loss_curve(r, "generator"),
         _errors_section(r),
         _overlay_section(r, max_overlays),
-        _retrieval_section(r, min(RETRIEVAL_CROPS, max_overlays)),
+        _retrieval_section(r, max_overlays),
     ]
     versions = sorted(
         {str(m.get("code_version")) for m in r.manifests.values() if m and m.get("code_version")}
@@ -817,7 +738,7 @@ def write_report(run: str, max_overlays: int = 8, pending: dict[str, dict] | Non
     Args:
         run: run directory (local path or ``s3://`` URI).
         max_overlays: images in the pseudo-vs-GT overlay section (also caps the retrieval
-            crops at ``min(8, max_overlays)``); 0 disables both figures.
+            crops, of which the eval stage saves 8); 0 disables both figures.
         pending: manifests of stages finishing now, by stage name, used instead of what the
             run holds: the eval stage draws the page before it publishes its own manifest.
 

@@ -12,9 +12,11 @@ import pyarrow as pa
 import pytest
 
 from exits import storage
+from exits.config import CropConfig, RetrievalConfig
 from exits.data.coco import ERROR_SCHEMA, load_instances, write_table
 from exits.data.synthetic import write_demo_dataset
 from exits.label import MASK_SCHEMA
+from exits.pipeline.eval import write_retrieval_examples
 from exits.report import write_report
 
 RETRIEVAL = {"fg_precision": 0.8123, "fg_recall": 0.4567, "bg_precision": 0.9321,
@@ -103,6 +105,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg = {"retrieval": {"similarity": "bilateral", "threshold_rule": "relative", "delta": 1.0},
            "crop": {"size": 96, "inference_enlarge": 1.3}, "data": {"name": "demo"}}  # fmt: skip
     storage.write_json(storage.join(run, "config.json"), cfg)
+    # the retrieval figure's inputs, as the eval stage saves them (no warmup model: grid S / 8)
+    rc = RetrievalConfig(similarity="bilateral", threshold_rule="relative", delta=1.0)
+    write_retrieval_examples(run, rc, CropConfig(size=96, inference_enlarge=1.3))
     return run
 
 
@@ -175,7 +180,12 @@ def test_report_figure_failure_is_contained(run_dir: str, tmp_path) -> None:
 
     page = open(write_report(run, max_overlays=2), encoding="utf-8").read()
     assert "figure unavailable: image" in page and "missing image file" in page
-    assert "warmup/model.pt missing" in page  # attention retrieval without the extractor
+    assert "retrieval_examples.json missing (the eval stage has not run)" in page
+    # attention retrieval without the extractor: eval records why, the report shows it
+    storage.write_json(storage.join(run, "eval", "retrieval_examples.json"),
+                       {"unavailable": "ValueError: needs the warmup extractor (warmup/model.pt missing)"})  # fmt: skip
+    page = open(write_report(run, max_overlays=2), encoding="utf-8").read()
+    assert "figure unavailable: ValueError: ValueError: needs the warmup extractor" in page
     assert _stage_status(page, "label") == "done"
     assert "37.5" in page
 
@@ -231,3 +241,30 @@ def test_ap_table_shows_only_ap_figures(tmp_path) -> None:
     assert [r[0] for r in rows[1:]] == ["coco/segm_mAP", "coco/segm_mAP_50", "coco/bbox_mAP"]
     keys = re.search(r"<td>stage2</td>.*?</tr>", page, re.S).group(0)
     assert "iter" not in keys and "lr" not in keys and "segm_mAP=0.1234" in keys
+
+
+def test_retrieval_examples_need_the_extractor_for_attention(run_dir: str, tmp_path) -> None:
+    with pytest.raises(ValueError, match="warmup/model.pt missing"):
+        write_retrieval_examples(run_dir, RetrievalConfig(similarity="attention"), CropConfig())
+
+
+def test_report_runs_no_model(run_dir: str) -> None:
+    """The retrieval figure is drawn from eval's saved arrays: report.py imports no torch,
+    no method and no model code, and the captions carry eval's ann ids and precisions."""
+    import ast
+
+    import exits.report
+
+    tree = ast.parse(open(exits.report.__file__, encoding="utf-8").read())
+    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {
+        m
+        for m in mods
+        if m.split(".")[0] == "torch"
+        or m.startswith(("exits.method", "exits.model", "exits.checkpoints"))
+    }
+    meta = storage.read_json(storage.join(run_dir, "eval", "retrieval_examples.json"))
+    page = open(write_report(run_dir, max_overlays=3), encoding="utf-8").read()
+    assert 'src="retrieval.png"' in page and "similarity <b>bilateral</b>" in page
+    assert f"ann {meta['ann_ids'][0]}: FG" in page

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from exits import manifest, storage
-from exits.config import PipelineConfig
+from exits.config import CropConfig, PipelineConfig, RetrievalConfig
+from exits.evaluate.diagnostics import RETRIEVAL_EXAMPLES
 from exits.evaluate.metrics import mmdet_metrics_table
 from exits.pipeline.common import STAGES, data_paths, stage_uri
+from exits.report import EXAMPLES_JSON, EXAMPLES_NPZ, FIGURE_ERRORS
+
+logger = logging.getLogger(__name__)
 
 
 def _instance_rows(run: str, name: str) -> list[dict]:
@@ -17,6 +24,66 @@ def _instance_rows(run: str, name: str) -> list[dict]:
 
     uri = stage_uri(run, "prepare", name)
     return read_table(uri).to_pylist() if storage.exists(uri) else []
+
+
+def write_retrieval_examples(
+    run: str, rcfg: RetrievalConfig, crop: CropConfig, n_crops: int = RETRIEVAL_EXAMPLES
+) -> dict:
+    """Retrieval on the first ``n_crops`` val crops (train crops without a val split), saved as
+    ``<run>/eval/retrieval_examples.npz`` + ``.json`` for the report's figure (which draws
+    only). Uses the warm-up model as extractor and grid when ``warmup/model.pt`` exists.
+
+    Returns the meta dict written to the json. Raises on missing inputs.
+    """
+    import pyarrow.compute as pc
+    import torch
+
+    from exits.data.coco import read_table
+    from exits.evaluate.diagnostics import retrieval_examples
+    from exits.method.similarity import EXTRACTOR_SOURCES
+    from exits.train.data import CropDataset, CropSpec
+
+    prep = manifest.read_manifest(run, "prepare")
+    if not prep:
+        raise KeyError("prepare has not run")
+    data = prep.get("data") or {}
+    table_uri = stage_uri(run, "prepare", "val_instances.parquet")
+    images, split = data.get("val_images") or data.get("images"), "val"
+    if not storage.exists(table_uri):
+        table_uri, images, split = stage_uri(run, "prepare", "instances.parquet"), data.get("images"), "train"  # fmt: skip
+    if not images:
+        raise KeyError("prepare manifest has no images prefix")
+    table = read_table(table_uri)
+    table = table.filter(pc.equal(table["supervision"], "extreme_points")).slice(0, n_crops)
+    if table.num_rows == 0:
+        raise ValueError(f"no {split} instances with extreme points")
+    extractor, note, size, grid = None, "", crop.size, 0
+    warm = stage_uri(run, "warmup", "model.pt")
+    if storage.exists(warm):
+        from exits.checkpoints import load_model
+
+        model, _ = load_model(warm)
+        grid, size = int(model.grid), int(getattr(model, "img_size", size) or size)
+        if rcfg.similarity in EXTRACTOR_SOURCES:
+            extractor = model
+    elif rcfg.similarity in EXTRACTOR_SOURCES:
+        raise ValueError(
+            f"similarity {rcfg.similarity!r} needs the warmup extractor (warmup/model.pt missing)"
+        )
+    if grid <= 0:
+        grid, note = size // 8, " (grid = crop size / 8: no warmup model)"
+    spec = CropSpec(size=size, train=False, inference_enlarge=crop.inference_enlarge)
+    ds = CropDataset(table, images, spec)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    arrays = retrieval_examples(batch, grid, rcfg, extractor)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    storage.publish_bytes(stage_uri(run, "eval", EXAMPLES_NPZ), buf.getvalue())
+    meta = {"similarity": rcfg.similarity, "split": split, "size": size, "grid": grid,
+            "note": note, "threshold_rule": rcfg.threshold_rule, "hops": rcfg.hops,
+            "delta": rcfg.delta, "ann_ids": table["ann_id"].to_pylist()}  # fmt: skip
+    storage.write_json(stage_uri(run, "eval", EXAMPLES_JSON), meta)
+    return meta
 
 
 def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
@@ -55,6 +122,11 @@ def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
     storage.write_json(stage_uri(run, "eval", "metrics.json"), metrics)
     storage.write_json(storage.join(run, "metrics.json"), metrics)
     storage.write_text(stage_uri(run, "eval", "metrics.md"), markdown_report(metrics))
+    try:
+        write_retrieval_examples(run, cfg.retrieval, cfg.crop)
+    except FIGURE_ERRORS as e:  # the report shows the reason instead of the figure
+        logger.warning("retrieval examples unavailable: %s: %s", type(e).__name__, e)
+        storage.write_json(stage_uri(run, "eval", EXAMPLES_JSON), {"unavailable": f"{type(e).__name__}: {e}"})  # fmt: skip
     from exits.report import write_report
 
     # The page is drawn before this stage's manifest is published (the manifest comes last),

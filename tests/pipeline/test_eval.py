@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
 import pytest
 
 from exits import manifest, storage
@@ -46,3 +47,14 @@ def test_eval_adds_box_baselines_and_reports_itself_done(tmp_path) -> None:
     status = re.search(r"<tr><td>eval</td><td[^>]*>([^<]*)</td>", page)
     assert status and status.group(1) == "done"
     assert "box as mask (baseline)" in page
+    # the retrieval figure's arrays come from eval (demo: bilateral, no warmup model)
+    meta = storage.read_json(manifest.stage_uri(run, "eval", "retrieval_examples.json"))
+    assert meta["similarity"] == "bilateral" and meta["grid"] == meta["size"] // 8
+    with np.load(manifest.stage_uri(run, "eval", "retrieval_examples.npz")) as z:
+        n, k = len(meta["ann_ids"]), meta["grid"] ** 2
+        assert z["image"].shape == (n, meta["size"], meta["size"], 3) and z["labels"].shape == (
+            n,
+            k,
+        )
+        assert z["labels"].dtype == np.int8 and set(np.unique(z["labels"])) <= {-1, 0, 1}
+    assert 'src="retrieval.png"' in page
