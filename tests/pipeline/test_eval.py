@@ -58,3 +58,16 @@ def test_eval_adds_box_baselines_and_reports_itself_done(tmp_path) -> None:
         )
         assert z["labels"].dtype == np.int8 and set(np.unique(z["labels"])) <= {-1, 0, 1}
     assert 'src="retrieval.png"' in page
+
+
+def test_summary_line_puts_the_box_baseline_beside_the_miou(tmp_path) -> None:
+    import json
+
+    from exits.pipeline.runner import summary_line
+
+    m = {"pseudo_label_miou": {"all": {"miou": 0.7, "count": 3}},
+         "pseudo_label_miou_box": {"all": {"miou": 0.6, "count": 3}}}  # fmt: skip
+    line = json.loads(summary_line({"eval": {"metrics": m}}, str(tmp_path)))
+    assert line["pseudo_label_train"]["miou"] == 0.7
+    assert line["pseudo_label_train_box"]["miou"] == 0.6
+    assert line["pseudo_label_heldout_box"] is None and line["report"] is None
