@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -249,15 +250,17 @@ def test_retrieval_examples_need_the_extractor_for_attention(run_dir: str, tmp_p
 
 
 def test_report_runs_no_model(run_dir: str) -> None:
-    """The retrieval figure is drawn from eval's saved arrays: report.py imports no torch,
+    """The retrieval figure is drawn from eval's saved arrays: exits/report imports no torch,
     no method and no model code, and the captions carry eval's ann ids and precisions."""
     import ast
 
     import exits.report
 
-    tree = ast.parse(open(exits.report.__file__, encoding="utf-8").read())
-    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    mods: set[str] = set()
+    for path in Path(exits.report.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {
         m
         for m in mods
@@ -268,3 +271,13 @@ def test_report_runs_no_model(run_dir: str) -> None:
     page = open(write_report(run_dir, max_overlays=3), encoding="utf-8").read()
     assert 'src="retrieval.png"' in page and "similarity <b>bilateral</b>" in page
     assert f"ann {meta['ann_ids'][0]}: FG" in page
+
+
+def test_template_escapes_run_strings(tmp_path) -> None:
+    run = str(tmp_path / 'run<"&>')
+    _manifest(run, "stage2", status="failed", error='<script>alert("x")</script> & more')
+    page = open(write_report(run, max_overlays=0), encoding="utf-8").read()
+    assert "<script" not in page
+    assert "error: &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page
+    assert "run&lt;&#34;&amp;&gt;" in page  # the run URI in the page header
+    assert _stage_status(page, "stage2") == "failed"
