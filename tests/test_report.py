@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,9 +13,11 @@ import pyarrow as pa
 import pytest
 
 from exits import storage
+from exits.config import CropConfig, RetrievalConfig
 from exits.data.coco import ERROR_SCHEMA, load_instances, write_table
 from exits.data.synthetic import write_demo_dataset
 from exits.label import MASK_SCHEMA
+from exits.pipeline.eval import write_retrieval_examples
 from exits.report import write_report
 
 RETRIEVAL = {"fg_precision": 0.8123, "fg_recall": 0.4567, "bg_precision": 0.9321,
@@ -98,10 +101,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     # stage2: missing; eval: folder without manifest (e.g. the report is written during eval)
     storage.write_json(storage.join(run, "eval", "metrics.json"),
-                       {"dataset": "demo", "pseudo_label_miou": {**PSEUDO, "all": {"miou": 0.6789, "count": 10}}})  # fmt: skip
+                       {"dataset": "demo", "pseudo_label_miou": {**PSEUDO, "all": {"miou": 0.6789, "count": 10}},
+                        "pseudo_label_miou_box": {**PSEUDO, "all": {"miou": 0.5432, "count": 10}}})  # fmt: skip
     cfg = {"retrieval": {"similarity": "bilateral", "threshold_rule": "relative", "delta": 1.0},
            "crop": {"size": 96, "inference_enlarge": 1.3}, "data": {"name": "demo"}}  # fmt: skip
     storage.write_json(storage.join(run, "config.json"), cfg)
+    # the retrieval figure's inputs, as the eval stage saves them (no warmup model: grid S / 8)
+    rc = RetrievalConfig(similarity="bilateral", threshold_rule="relative", delta=1.0)
+    write_retrieval_examples(run, rc, CropConfig(size=96, inference_enlarge=1.3))
     return run
 
 
@@ -174,6 +181,103 @@ def test_report_figure_failure_is_contained(run_dir: str, tmp_path) -> None:
 
     page = open(write_report(run, max_overlays=2), encoding="utf-8").read()
     assert "figure unavailable: image" in page and "missing image file" in page
-    assert "warmup/model.pt missing" in page  # attention retrieval without the extractor
+    assert "retrieval_examples.json missing (the eval stage has not run)" in page
+    # attention retrieval without the extractor: eval records why, the report shows it
+    storage.write_json(storage.join(run, "eval", "retrieval_examples.json"),
+                       {"unavailable": "ValueError: needs the warmup extractor (warmup/model.pt missing)"})  # fmt: skip
+    page = open(write_report(run, max_overlays=2), encoding="utf-8").read()
+    assert "figure unavailable: ValueError: ValueError: needs the warmup extractor" in page
     assert _stage_status(page, "label") == "done"
     assert "37.5" in page
+
+
+def _section(page: str, title: str) -> str:
+    """The HTML from heading ``title`` to the next heading."""
+    m = re.search(rf"<h[23]>{re.escape(title)}</h[23]>(.*?)(?=<h[23]>|</body>)", page, re.S)
+    assert m, f"no section {title!r}"
+    return m.group(1)
+
+
+def _rows(table_html: str) -> list[list[str]]:
+    return [
+        re.findall(r"<t[dh][^>]*>([^<]*)</t[dh]>", tr)
+        for tr in re.findall(r"<tr>(.*?)</tr>", table_html)
+    ]
+
+
+def test_report_shows_a_finishing_stage_as_done(run_dir: str, tmp_path) -> None:
+    """The eval stage draws the page before publishing its manifest and passes its own status."""
+    now = time.time()
+    own = {"stage": "eval", "status": "done", "started": now - 2.0, "finished": now,
+           "seconds": 2.0, "report": True}  # fmt: skip
+    run = str(tmp_path / "run")
+    for f in storage.list_dir(run_dir, recursive=True):
+        if os.path.isfile(f) and "/report/" not in f:
+            storage.write_bytes(
+                storage.join(run, os.path.relpath(f, run_dir)), storage.read_bytes(f)
+            )
+    page = open(write_report(run, max_overlays=0, pending={"eval": own}), encoding="utf-8").read()
+    assert _stage_status(page, "eval") == "done"
+    assert _stage_status(page, "stage2") == "not run"
+
+
+def test_miou_table_has_a_box_baseline_row_under_each_set(run_dir: str) -> None:
+    page = open(write_report(run_dir, max_overlays=0), encoding="utf-8").read()
+    rows = _rows(_section(page, "Pseudo-label mIoU"))
+    names = [r[0] for r in rows[1:]]
+    assert names == ["held-out val (stage 1b generator)", "↳ box as mask (baseline)",
+                     "train pseudo labels (stage 1c)", "↳ box as mask (baseline)"]  # fmt: skip
+    assert rows[0][1] == "mIoU all"
+    assert rows[3][1] == "0.6789" and rows[4][1] == "0.5432"
+    assert rows[2][1] == "–"  # the held-out baseline was not computed in this run: shown empty
+
+
+def test_ap_table_shows_only_ap_figures(tmp_path) -> None:
+    run = str(tmp_path / "run")
+    s2 = {"coco/segm_mAP": 0.1234, "coco/segm_mAP_50": 0.3456, "coco/bbox_mAP": 0.2345,
+          "iter": 40, "epoch": 2, "start_iter": 0, "train/lr": 0.02, "coco/segm_mAP_copypaste": "x"}  # fmt: skip
+    _manifest(run, "stage2", metrics=s2)
+    page = open(write_report(run, max_overlays=0), encoding="utf-8").read()
+    rows = _rows(_section(page, "Mask AP (stage 2)"))
+    assert [r[0] for r in rows[1:]] == ["coco/segm_mAP", "coco/segm_mAP_50", "coco/bbox_mAP"]
+    keys = re.search(r"<td>stage2</td>.*?</tr>", page, re.S).group(0)
+    assert "iter" not in keys and "lr" not in keys and "segm_mAP=0.1234" in keys
+
+
+def test_retrieval_examples_need_the_extractor_for_attention(run_dir: str, tmp_path) -> None:
+    with pytest.raises(ValueError, match="warmup/model.pt missing"):
+        write_retrieval_examples(run_dir, RetrievalConfig(similarity="attention"), CropConfig())
+
+
+def test_report_runs_no_model(run_dir: str) -> None:
+    """The retrieval figure is drawn from eval's saved arrays: exits/report imports no torch,
+    no method and no model code, and the captions carry eval's ann ids and precisions."""
+    import ast
+
+    import exits.report
+
+    mods: set[str] = set()
+    for path in Path(exits.report.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {
+        m
+        for m in mods
+        if m.split(".")[0] == "torch"
+        or m.startswith(("exits.method", "exits.model", "exits.checkpoints"))
+    }
+    meta = storage.read_json(storage.join(run_dir, "eval", "retrieval_examples.json"))
+    page = open(write_report(run_dir, max_overlays=3), encoding="utf-8").read()
+    assert 'src="retrieval.png"' in page and "similarity <b>bilateral</b>" in page
+    assert f"ann {meta['ann_ids'][0]}: FG" in page
+
+
+def test_template_escapes_run_strings(tmp_path) -> None:
+    run = str(tmp_path / 'run<"&>')
+    _manifest(run, "stage2", status="failed", error='<script>alert("x")</script> & more')
+    page = open(write_report(run, max_overlays=0), encoding="utf-8").read()
+    assert "<script" not in page
+    assert "error: &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page
+    assert "run&lt;&#34;&amp;&gt;" in page  # the run URI in the page header
+    assert _stage_status(page, "stage2") == "failed"

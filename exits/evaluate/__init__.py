@@ -3,6 +3,8 @@ generator metric on held-out instances (``quality``) and stage-1 retrieval diagn
 (``diagnostics``). Run ``python -m exits.evaluate --help`` for the command line."""
 
 from exits.evaluate.metrics import (
+    box_baseline_miou,
+    box_masks_json,
     coco_from,
     detections_from,
     evaluate,
@@ -24,6 +26,8 @@ from exits.evaluate.metrics import (
 )
 
 __all__ = [
+    "box_baseline_miou",
+    "box_masks_json",
     "coco_from",
     "detections_from",
     "evaluate",

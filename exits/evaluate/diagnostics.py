@@ -77,3 +77,64 @@ def retrieval_stats(
         "bg_per_crop": n_b / max(1, n_crops),
         "auc": _auc(s, t),
     }
+
+
+RETRIEVAL_EXAMPLES = 8  # val crops whose retrieval the eval stage saves for the report figure
+
+
+@torch.no_grad()
+def retrieval_examples(
+    batch: dict, grid: int, rcfg: RetrievalConfig, extractor: nn.Module | None = None
+) -> dict[str, np.ndarray]:
+    """Retrieval (Eq. 5) on one batch of B crops, as numpy arrays the report draws from.
+
+    Args:
+        batch: collated ``CropDataset`` items (see ``exits.method.retrieval.grid_geometry``).
+        grid: N (patch grid side); n = N * N patches.
+        rcfg: retrieval config (similarity source, thresholds, hops, δ).
+        extractor: the warm-up model for attention-type similarity sources.
+
+    Returns:
+        image (B, S, S, 3) uint8 RGB; box (B, 4) float32 crop pixel edges; points (B, 4, 2)
+        float32 crop pixels; has_points (B,) bool; gt (B, S, S) bool; fg / bg / in_box (B, n)
+        bool initial FG, initial BG, inside the box; labels (B, n) int8 (1 pseudo-FG,
+        0 pseudo-BG, -1 unlabelled); n_fg / n_bg (B,) retrieved (non-initial, in-box)
+        pseudo-FG / BG patches; prec_fg / prec_bg (B,) their precision vs GT patches (patch =
+        FG when >= half its pixels are GT; NaN without GT or without retrieved points).
+    """
+    geo = grid_geometry(batch, grid, rcfg.delta)
+    sim = similarity_matrix(
+        rcfg.similarity,
+        batch["image"],
+        normalize(batch["image"].float() / 255.0),
+        grid,
+        extractor,
+        rcfg,
+    )
+    labels = retrieve(sim, geo, rcfg).cpu().numpy()
+    gt_patch = (
+        F.adaptive_avg_pool2d(batch["gt"].float()[:, None], grid).flatten(1).cpu().numpy() >= 0.5
+    )  # (B, n)
+    fg, bg, in_box = (t.cpu().numpy() for t in (geo.fg, geo.bg, geo.in_box))
+    pseudo = in_box & ~fg & ~bg
+    rfg, rbg = pseudo & (labels == 1), pseudo & (labels == 0)
+    has_gt = batch["gt"].flatten(1).any(1).cpu().numpy()
+    n_fg, n_bg = rfg.sum(1), rbg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec_fg = np.where(has_gt & (n_fg > 0), (rfg & gt_patch).sum(1) / n_fg, np.nan)
+        prec_bg = np.where(has_gt & (n_bg > 0), (rbg & ~gt_patch).sum(1) / n_bg, np.nan)
+    return {
+        "image": batch["image"].permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8),
+        "box": batch["box"].cpu().numpy().astype(np.float32),
+        "points": batch["points"].cpu().numpy().astype(np.float32),
+        "has_points": batch["has_points"].cpu().numpy().astype(bool),
+        "gt": batch["gt"].cpu().numpy().astype(bool),
+        "fg": fg,
+        "bg": bg,
+        "in_box": in_box,
+        "labels": labels.astype(np.int8),
+        "n_fg": n_fg.astype(np.int64),
+        "n_bg": n_bg.astype(np.int64),
+        "prec_fg": prec_fg.astype(np.float64),
+        "prec_bg": prec_bg.astype(np.float64),
+    }

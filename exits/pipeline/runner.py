@@ -86,7 +86,9 @@ def summary_line(results: dict, output: str) -> str:
     m = (results.get("eval") or {}).get("metrics", {})
     return json.dumps({"output": output, "report": report if storage.exists(report) else None,
                        "pseudo_label_heldout": m.get("pseudo_label_heldout", {}).get("all"),
+                       "pseudo_label_heldout_box": m.get("pseudo_label_heldout_box", {}).get("all"),
                        "pseudo_label_train": m.get("pseudo_label_miou", {}).get("all"),
+                       "pseudo_label_train_box": m.get("pseudo_label_miou_box", {}).get("all"),
                        "segm_mAP": m.get("mask_ap", {}).get("segm", {}).get("mAP")}, default=str)  # fmt: skip
 
 

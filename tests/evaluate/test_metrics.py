@@ -209,3 +209,41 @@ def test_mmdet_metrics_table_nests_keys_and_fills_missing_with_zero():
     assert table["segm"]["mAP"] == 0.3 and table["segm"]["mAP_50"] == 0.5
     assert table["segm"]["mAP_l"] == 0.0  # mmdet found nothing there: 0
     assert table["bbox"]["mAP"] == 0.4 and set(table) == {"segm", "bbox"}
+
+
+def _row(ann_id: int, image_id: int, bbox: list[float], points=None) -> dict:
+    """An instance-table row (only the fields the box baseline reads)."""
+    return {"ann_id": ann_id, "image_id": image_id, "category_id": 1, "height": H, "width": W,
+            "bbox": bbox, "extreme_points": points}  # fmt: skip
+
+
+def test_box_baseline_known_answers() -> None:
+    full = square(10, 10, 20)  # GT equal to its box -> IoU 1
+    half = np.zeros((H, W), np.uint8)
+    half[40:60, 30:40] = 1  # GT = left half of the 20x20 box [30, 40, 50, 60] -> IoU 0.5
+    gt = coco([ann(1, 1, full), ann(2, 2, half)])
+    rows = [
+        _row(1, 1, [0, 0, 1, 1], points=[[15, 10], [10, 15], [15, 29], [29, 15]]),  # points win
+        _row(2, 2, [30, 40, 20, 20]),  # box-only row: the COCO xywh bbox
+    ]
+    m = ev.box_baseline_miou(gt, rows)
+    assert m["all"]["count"] == 2 and m["missing"] == 0 and m["extra"] == 0
+    assert m["all"]["miou"] == pytest.approx(0.75)
+    one = ev.box_baseline_miou(coco([ann(1, 1, full)]), rows[:1])
+    assert one["all"]["miou"] == pytest.approx(1.0)
+    half_only = ev.box_baseline_miou(coco([ann(2, 2, half)]), rows[1:])
+    assert half_only["all"]["miou"] == pytest.approx(0.5)
+
+
+def test_box_baseline_row_without_valid_box_is_missing() -> None:
+    gt = coco([ann(1, 1, square(10, 10, 20))])
+    m = ev.box_baseline_miou(gt, [_row(1, 1, [10, 10, 0, 0])])  # degenerate bbox, no points
+    assert m["missing"] == 1 and m["all"]["miou"] == 0.0
+
+
+def test_markdown_report_puts_the_box_baseline_beside_the_miou(gt: dict) -> None:
+    m = ev.evaluate(gt, pseudo_json=gt)
+    m["pseudo_label_miou_box"] = {**m["pseudo_label_miou"], "all": {"miou": 0.4321, "count": 3}}
+    md = ev.markdown_report(m)
+    assert "box-as-mask mIoU" in md
+    assert "| all | 1.0000 | 0.4321 | 3 |" in md

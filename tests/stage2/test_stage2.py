@@ -66,11 +66,11 @@ def _config(model: str, pseudo_json: str, demo: dict, work_dir: str, max_iters: 
     )
 
 
-def _assert_segm_ap(result, demo: dict, iteration: int) -> None:
-    """COCOeval segm AP of the uploaded val predictions is in [0, 1] and matches mmdet's.
-
-    mmdet's CocoMetric reports no AP keys when the model predicts nothing (likely after a
-    few iterations from scratch); AP is then 0.
+def _smoke_check_predictions(result, demo: dict, iteration: int) -> None:
+    """Smoke check, not an AP test: the val predictions were uploaded for ``iteration`` and
+    COCOeval on them agrees with the AP mmdet reported (both 0 when the model predicts
+    nothing, likely after a few iterations from scratch; mmdet then reports no AP keys).
+    Known AP answers for the evaluator: ``test_coco_metric.py``.
     """
     preds = os.path.join(result.path, PREDICTIONS_DIR, f"val_iter_{iteration}.segm.json")
     ours = evaluate.mask_ap(demo["val_annotations"], preds, iou_types=("segm",))["segm"]["AP"]
@@ -89,13 +89,13 @@ def test_ray_train_mask_rcnn_checkpoints_and_resumes(
     assert first.metrics["iter"] == 2 and first.metrics["start_iter"] == 0
     with first.checkpoint.as_directory() as d:
         assert os.path.basename(checkpoint_file(d)) == "iter_2.pth"
-    _assert_segm_ap(first, demo_dataset, iteration=2)
+    _smoke_check_predictions(first, demo_dataset, iteration=2)
 
     # same storage_path + name: resumes from iter 2 and continues to 4
     cfg = _config("mask_rcnn_r50", pseudo_json, demo_dataset, str(tmp_path / "w"), 4, **ckpt_every)
     second = train_stage2(cfg, num_workers=2, use_gpu=False, storage_path=storage_path, name=name)
     assert second.metrics["start_iter"] == 2 and second.metrics["iter"] == 4
-    _assert_segm_ap(second, demo_dataset, iteration=4)
+    _smoke_check_predictions(second, demo_dataset, iteration=4)
     with second.checkpoint.as_directory() as d:
         assert os.path.basename(checkpoint_file(d)) == "iter_4.pth"
     with open(os.path.join(second.path, METRICS_FILE)) as f:
