@@ -92,7 +92,7 @@ class ViTEncoder(nn.Module):
             vit = self.vit
             first = self.depth - k
             with torch.no_grad():
-                x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+                x = embed_tokens(vit, images)
                 for blk in vit.blocks[:first]:
                     x = blk(x)
             for blk in vit.blocks[first:]:
@@ -257,13 +257,16 @@ def block_attention(encoder: nn.Module, images: Tensor, block: int) -> Tensor:
     vit = _as_vit(encoder)
     if not 0 <= block < len(vit.blocks):
         raise IndexError(f"block {block} out of range for depth {len(vit.blocks)}")
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)  # (B, T, D), T = P + N²
+    x = embed_tokens(vit, images)
     for blk in vit.blocks[:block]:
         x = blk(x)
     return _attention_of(vit.blocks[block], x, vit.num_prefix_tokens)
+
+
+def embed_tokens(vit: nn.Module, images: Tensor) -> Tensor:
+    """timm ViT input tokens before the blocks: patch embedding, position embedding (+ prefix
+    tokens), patch dropout, pre-norm → (B, T, D), T = P + N²."""
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
 
 def _attention_of(blk: nn.Module, x: Tensor, prefix: int) -> Tensor:
@@ -285,7 +288,7 @@ def tokens_and_attention(encoder: ViTEncoder, images: Tensor, block: int) -> tup
     vit = encoder.vit
     if not 0 <= block < len(vit.blocks):
         raise IndexError(f"block {block} out of range for depth {len(vit.blocks)}")
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    x = embed_tokens(vit, images)
     attention = None
     for i, blk in enumerate(vit.blocks):
         if i == block:

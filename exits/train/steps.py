@@ -104,6 +104,7 @@ def generator_loss(
     student_in = normalize(student_augment(images, generator))
     logits = student(student_in)  # (B, 1, h, h)
     probs = logits.sigmoid()
+    clean = normalize(images)  # teacher and similarity input
     share = (
         shared_extractor
         and extractor is not None
@@ -115,11 +116,11 @@ def generator_loss(
     with torch.no_grad():
         if share:
             t_logits, tokens, attention = teacher.forward_with_similarity(
-                normalize(images), extractor.attention_block
+                clean, extractor.attention_block
             )
             precomputed = (tokens, attention)
         else:
-            t_logits = teacher(normalize(images))
+            t_logits = teacher(clean)
         teacher_probs = t_logits.sigmoid()
     h = probs.shape[-1]
     box = box_mask_at(batch, h)
@@ -138,7 +139,7 @@ def generator_loss(
     geo = grid_geometry(batch, grid, rcfg.delta)
     if rcfg.enabled:
         sim = similarity_matrix(
-            rcfg.similarity, batch["image"], normalize(images), grid, extractor, rcfg, precomputed
+            rcfg.similarity, batch["image"], clean, grid, extractor, rcfg, precomputed
         )
     else:  # initial points only: no similarity needed
         sim = images.new_zeros(())
