@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from exits.config import RetrievalConfig
+from exits.data.rle import encode
 from exits.evaluate.diagnostics import _auc, retrieval_stats
-from exits.evaluate.quality import encode, evaluate_masks, gt_json_from_table
+from exits.evaluate.quality import evaluate_masks, gt_json_from_table
 
 
 def _table(masks: list[np.ndarray]) -> pa.Table:
