@@ -33,7 +33,7 @@ from exits.config import load_config
 from exits.evaluate import mask_ap, pseudo_label_miou, retention
 from exits.pipeline import run_pipeline
 from exits.stage2 import build_stage2_config, train_stage2
-from exits.stage2.ray_train import PREDICTIONS_DIR
+from exits.stage2.report_hook import PREDICTIONS_DIR
 from exits.stage2.train_eval import batch_override
 
 LABEL_STAGES = {

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from exits import storage
@@ -52,7 +53,7 @@ def paste_probs(
 
     Sigmoid, then bilinear paste through the inverse crop map (``crops.paste_mask``).
     """
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (h, w)
+    prob = expit(logits.astype(np.float32))  # (h, w); no overflow warning for large −logits
     return paste_mask(prob, crop_box, image_hw, box=box)  # (H, W)
 
 

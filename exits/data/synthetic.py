@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from exits.data import rle
 
 CATEGORIES = [
     {"id": 1, "name": "disc", "supercategory": "shape"},
@@ -154,12 +155,6 @@ def render_image(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.nda
     return img, kept
 
 
-def _encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def write_demo_dataset(
     out_dir: str, num_images: int = 96, image_size: int = 128, seed: int = 0, **overrides
 ) -> dict:
@@ -188,15 +183,15 @@ def write_demo_dataset(
             {"id": image_id, "file_name": name, "height": image_size, "width": image_size}
         )
         for o in objects:
-            rle = _encode(o["mask"])
+            segm = rle.encode(o["mask"])
             splits[split]["annotations"].append(
                 {
                     "id": ann_id,
                     "image_id": image_id,
                     "category_id": o["category_id"],
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "segmentation": segm,
+                    "area": float(rle.area(segm)),
+                    "bbox": rle.bbox(segm),
                     "iscrowd": 0,
                 }
             )

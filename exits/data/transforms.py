@@ -30,6 +30,8 @@ def student_augment(images: Tensor, generator: torch.Generator | None = None) ->
     blur (p=0.5), each sampled per sample. Geometry is untouched (the flip is shared with the
     teacher and applied before this).
     """
+    # kept by hand: torchvision's v2 ColorJitter/GaussianBlur draw one setting per call, not per
+    # sample of a batch, and take no torch.Generator (no seeded, per-rank reproducibility)
     b = images.shape[0]
     dev = images.device
 

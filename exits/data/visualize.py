@@ -9,7 +9,9 @@ import tempfile
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from exits.data import rle
+from exits.data.coco import segmentation_to_rle
 
 COLOURS = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -19,13 +21,9 @@ COLOURS = np.array(
 
 
 def _decode(segm: dict | list, h: int, w: int) -> np.ndarray:
-    if isinstance(segm, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm.get("counts"), list):
-        rle = mask_utils.frPyObjects(segm, h, w)
-    else:
-        rle = segm
-    return mask_utils.decode(rle).astype(bool)
+    """COCO polygons / uncompressed / compressed RLE -> (H, W) bool (all False when absent)."""
+    coded = segmentation_to_rle(segm, h, w)
+    return rle.decode(coded) if coded is not None else np.zeros((h, w), bool)
 
 
 def draw_instances(

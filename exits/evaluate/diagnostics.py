@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import mannwhitneyu
 from torch import nn
 
 from exits.config import RetrievalConfig
@@ -25,18 +26,13 @@ from exits.method.retrieval import (
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC via the rank-sum (Mann-Whitney U) statistic; NaN when one class is absent."""
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
+    """ROC AUC as the Mann-Whitney U of the positives over pos·neg (ties count one half); NaN
+    when one class is absent."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    # average ranks over ties
-    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    ranks = (sums / counts)[inv]
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    u = mannwhitneyu(pos, neg, method="asymptotic").statistic  # the p-value is not used
+    return float(u / (len(pos) * len(neg)))
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ Conventions
 * Size buckets follow COCO's area thresholds on the GT annotation's ``area`` field:
   small < 32², 32² <= medium < 96², large >= 96² (COCOeval's own ranges overlap at the
   boundaries; ours are half-open so every instance lands in exactly one bucket).
-* All RLE work goes through :mod:`pycocotools.mask`.
+* All RLE work goes through :mod:`exits.data.rle` (pycocotools).
 
 Outputs in ``--out``: ``metrics.json`` (machine-readable) and ``metrics.md`` (tables).
 """
@@ -44,9 +44,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from exits.data import rle
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +127,7 @@ def _coco_eval(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dict[s
     if not results:
         return dict.fromkeys(COCO_STAT_NAMES, 0.0)
     if iou_type == "bbox":  # bbox from the mask when a result has only a mask
-        results = [
-            {**r, "bbox": r.get("bbox") or mask_utils.toBbox(r["segmentation"]).tolist()}
-            for r in results
-        ]
+        results = [{**r, "bbox": r.get("bbox") or rle.bbox(r["segmentation"])} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(copy.deepcopy(results))
         ev = COCOeval(gt, dt, iouType=iou_type)
@@ -222,7 +220,7 @@ def size_bucket(area: float) -> str:
 
 def rle_iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     """IoU of two compressed RLEs of the same size (non-crowd)."""
-    return float(mask_utils.iou([dict(a)], [dict(b)], [0])[0, 0])
+    return rle.iou(a, b)
 
 
 def _summary(ious: list[float]) -> dict[str, float | int]:
@@ -249,7 +247,7 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
         if gt_ann.get("iscrowd", 0):
             continue
         gt_rle = gt.annToRLE(gt_ann)
-        if mask_utils.area(gt_rle) == 0:
+        if rle.area(gt_rle) == 0:
             continue
         evaluated.add(ann_id)
         if ann_id in pseudo.anns:
@@ -257,8 +255,8 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
         else:
             iou, missing = 0.0, missing + 1
         groups["all"].append(iou)
-        groups[size_bucket(gt_ann.get("area", mask_utils.area(gt_rle)))].append(iou)
-        if is_separated(mask_utils.decode(gt_rle)):
+        groups[size_bucket(gt_ann.get("area", rle.area(gt_rle)))].append(iou)
+        if is_separated(rle.decode(gt_rle)):
             groups["separated"].append(iou)
     out: dict[str, Any] = {k: _summary(v) for k, v in groups.items()}
     out["missing"] = missing
@@ -289,10 +287,9 @@ def box_masks_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             box, _ = row_box(dict(r))
         except ValueError:
             continue
-        rle = mask_utils.encode(np.asfortranarray(box_mask(box, r["height"], r["width"])))
-        rle["counts"] = rle["counts"].decode("ascii")
+        segm = rle.encode(box_mask(box, r["height"], r["width"]))
         anns.append({"id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"],
-                     "segmentation": rle, "iscrowd": 0, "area": float(mask_utils.area(rle))})  # fmt: skip
+                     "segmentation": segm, "iscrowd": 0, "area": float(rle.area(segm))})  # fmt: skip
     return {"images": [], "annotations": anns, "categories": []}
 
 

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
-from pycocotools import mask as mask_utils
 from torch import nn
 
 from exits.config import LabelConfig
+from exits.data import rle
 from exits.data.crops import INFERENCE_ENLARGE
 from exits.evaluate.metrics import pseudo_label_miou
 from exits.inference import masks_for_rows
-
-
-def encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def gt_json_from_table(table: pa.Table) -> dict:
@@ -48,7 +41,7 @@ def pseudo_json(rows_masks, threshold: float) -> dict:
     for row, prob in rows_masks:
         m = prob >= threshold
         anns.append({"id": row["ann_id"], "image_id": row["image_id"], "category_id": row["category_id"],
-                     "segmentation": encode(m), "iscrowd": 0, "area": float(m.sum())})  # fmt: skip
+                     "segmentation": rle.encode(m), "iscrowd": 0, "area": float(m.sum())})  # fmt: skip
     return {"images": [], "annotations": anns, "categories": []}
 
 

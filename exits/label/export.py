@@ -14,9 +14,9 @@ import json
 from typing import Any
 
 import pyarrow as pa
-from pycocotools import mask as mask_utils
 
 from exits import storage
+from exits.data import rle
 from exits.data.coco import read_table
 
 
@@ -32,15 +32,14 @@ def read_mask_rows(masks_uri: str) -> pa.Table:
 
 def annotation_from_row(row: dict) -> dict[str, Any]:
     """One mask row (exits.label.plan.MASK_SCHEMA) -> a COCO annotation dict (bbox from the mask)."""
-    rle = json.loads(row["segmentation"])
-    coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    segm = rle.from_json(row["segmentation"])
     return {
         "id": int(row["ann_id"]),
         "image_id": int(row["image_id"]),
         "category_id": int(row["category_id"]),
-        "segmentation": rle,
-        "area": float(mask_utils.area(coded)),
-        "bbox": [float(v) for v in mask_utils.toBbox(coded)],
+        "segmentation": segm,
+        "area": float(rle.area(segm)),
+        "bbox": rle.bbox(segm),
         "score": float(row["score"]),
         "iscrowd": 0,
         "supervision": row["supervision"],

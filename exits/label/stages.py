@@ -8,11 +8,10 @@ import logging
 import numpy as np
 import pyarrow as pa
 import torch
-from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.config import CropConfig, LabelConfig
-from exits.data.coco import rle_to_json
+from exits.data import rle
 from exits.data.crops import crop_and_resize, enlarge_box, instance_box
 from exits.data.images import ImageError, load_image
 from exits.inference import mask_from_logits, predict_logits
@@ -188,12 +187,12 @@ def paste_masks(batch: dict[str, np.ndarray], *, threshold: float) -> pa.Table:
             mask, score = mask_from_logits(
                 batch["logits"][i], batch["box"][i], batch["crop_box"][i], (h, w), threshold
             )
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            segm = rle.encode(mask)
             row.update(
                 bbox=[float(v) for v in batch["bbox"][i]],
                 score=score,
-                segmentation=rle_to_json(rle),
-                area=float(mask_utils.area(rle)),
+                segmentation=rle.to_json(segm),
+                area=float(rle.area(segm)),
             )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

@@ -54,6 +54,7 @@ def _to_unit_rgb(crops: Tensor) -> Tensor:
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
     """sRGB (B, 3, H, W) float in [0, 1] → CIELAB (B, 3, H, W) (D65; L in [0, 100])."""
+    # kept by hand: batched torch on the training device; cv2.cvtColor is numpy, CPU, per image
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     m = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
     white = torch.tensor(_D65_WHITE, dtype=rgb.dtype, device=rgb.device)

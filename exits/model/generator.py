@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from exits.config import TrainConfig
 from exits.model.decoder import MaskDecoder
@@ -146,8 +147,8 @@ def make_teacher(student: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float = EMA_MOMENTUM) -> None:
     """θ_t ← m·θ_t + (1 − m)·θ_s for parameters; buffers are copied."""
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.lerp_(s.detach(), 1.0 - momentum)
+    # torch's EMA step on plain lists: no AveragedModel wrapper, so the teacher keeps its layout
+    get_ema_multi_avg_fn(momentum)(list(teacher.parameters()), list(student.parameters()), None)
     for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
         t.copy_(s)
 

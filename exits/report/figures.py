@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 
 import cv2
@@ -62,22 +61,14 @@ def loss_curve(r: Run, stage: str) -> list[Block]:
 
 # ----------------------------------------------------------------------------- overlays
 def _decode_rle(text: str | None, h: int, w: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
+    from exits.data import rle
 
     if not text:
         return np.zeros((h, w), bool)
-    rle = json.loads(text)
-    m = mask_utils.decode(
-        {
-            "size": rle["size"],
-            "counts": rle["counts"].encode("ascii")
-            if isinstance(rle["counts"], str)
-            else rle["counts"],
-        }
-    )
+    m = rle.decode(rle.from_json(text))
     if m.shape != (h, w):
         raise ValueError(f"mask size {m.shape} != image size {(h, w)}")
-    return m.astype(bool)
+    return m
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

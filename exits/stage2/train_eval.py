@@ -47,7 +47,7 @@ def train_and_evaluate(
         checkpoint, "train_json": ..., "model": ...}
     """
     from exits.stage2.configs import build_stage2_config
-    from exits.stage2.ray_train import final_metrics, train_stage2
+    from exits.stage2.driver import final_metrics, train_stage2
 
     workdir = tempfile.mkdtemp(prefix="exits-stage2-")
     train_local = _local_json(train_json, workdir, "train.json")

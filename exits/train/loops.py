@@ -11,7 +11,6 @@ cosine decay, bf16 autocast on GPU. Every ``checkpoint_every`` steps rank 0 writ
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from exits import storage
@@ -50,12 +50,19 @@ def _model_kwargs(model_cfg: ModelConfig, crop: CropConfig) -> dict:
     return kw
 
 
-def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 0 (multiplier of the base lr)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to 0, stepped once per optimiser step.
+
+    Multiplier of the base lr at step t: (t + 1) / warmup for t < warmup, then
+    0.5·(1 + cos(π·(t − warmup) / (total − warmup))), 0 at ``total`` (torchvision's recipe).
+    """
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup <= 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 def _loader(
@@ -143,9 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
     lr = tcfg.lr * (world * tcfg.batch_size if tcfg.scale_lr else 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, tcfg.warmup_steps, total)
-    )
+    scheduler = warmup_cosine(optimizer, tcfg.warmup_steps, total)
 
     step, history, resumed_from = 0, [], []
     ckpt = ray.train.get_checkpoint()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from exits.config import RetrievalConfig
+from exits.data.rle import encode
 from exits.evaluate.diagnostics import _auc, retrieval_stats
-from exits.evaluate.quality import encode, evaluate_masks, gt_json_from_table
+from exits.evaluate.quality import evaluate_masks, gt_json_from_table
 
 
 def _table(masks: list[np.ndarray]) -> pa.Table:
@@ -46,6 +47,11 @@ def test_auc_rank_sum_with_ties():
     assert _auc(scores, np.array([False, False, True, True])) == pytest.approx(0.75)
     assert _auc(np.ones(4), np.array([False, True, False, True])) == pytest.approx(0.5)  # ties
     assert np.isnan(_auc(scores, np.zeros(4, bool)))
+    # pairs (pos, neg), ties count 1/2: (.5,.5) ½, (.5,.1) 1, (.5,.9) 0, (.9,.5) 1, (.9,.1) 1,
+    # (.9,.9) ½ -> 4 of 6
+    s = np.array([0.5, 0.5, 0.1, 0.9, 0.9], np.float32)
+    assert _auc(s, np.array([True, False, False, True, False])) == pytest.approx(4 / 6)
+    assert _auc(s, np.array([False, True, True, False, True])) == pytest.approx(2 / 6)
 
 
 def test_retrieval_stats_on_a_two_colour_crop():

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 
 from exits.config import RetrievalConfig
 from exits.method.losses import point_loss
@@ -122,6 +123,23 @@ def test_ema_update():
     ema_update(teacher, student, momentum=0.9)
     for t0, t, s in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+def test_ema_update_two_steps_known_values():
+    student = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        teacher[0].weight.fill_(0.0)
+        student[0].weight.copy_(torch.tensor([[1.0, -2.0]]))
+    student[1].running_mean.fill_(3.0)
+    ema_update(teacher, student, momentum=0.75)  # 0.75·0 + 0.25·s
+    assert teacher[0].weight.tolist() == [[0.25, -0.5]]
+    with torch.no_grad():
+        student[0].weight.copy_(torch.tensor([[2.0, 2.0]]))
+    ema_update(teacher, student, momentum=0.75)  # 0.75·(0.25, −0.5) + 0.25·(2, 2)
+    assert teacher[0].weight.tolist() == [[0.6875, 0.125]]
+    assert teacher[1].running_mean.item() == 3.0  # buffers are copied, not averaged
+    assert student[0].weight.tolist() == [[2.0, 2.0]]  # the student is untouched
 
 
 def test_mae_layout_checkpoint_loads_with_interpolated_pos_embed(tmp_path):

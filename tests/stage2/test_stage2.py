@@ -13,12 +13,9 @@ import torch
 
 from exits import evaluate
 from exits.stage2 import build_stage2_config, register_mmengine_safe_globals, train_stage2
-from exits.stage2.ray_train import (
-    METRICS_FILE,
-    PREDICTIONS_DIR,
-    RayTrainReportHook,
-    checkpoint_file,
-)
+from exits.stage2.driver import METRICS_FILE
+from exits.stage2.report_hook import PREDICTIONS_DIR, RayTrainReportHook
+from exits.stage2.worker import checkpoint_file
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +154,7 @@ def test_configs_set_classes_and_small_profile(pseudo_json, demo_dataset, tmp_pa
 @pytest.mark.integration
 def test_annotations_on_s3_are_localised(s3_bucket, pseudo_json, demo_dataset, tmp_path):
     from exits import storage
-    from exits.stage2.ray_train import localize_inputs
+    from exits.stage2.worker import localize_inputs
 
     train_uri = f"{s3_bucket}/ann/pseudo.json"
     val_uri = f"{s3_bucket}/ann/val.json"

@@ -12,7 +12,7 @@ from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, T
 from exits.data.coco import load_instances, write_table
 from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
 from exits.train.data import CropDataset, CropSpec
-from exits.train.loops import STATE_FILE, lr_lambda
+from exits.train.loops import STATE_FILE, warmup_cosine
 
 S = 96
 
@@ -46,11 +46,45 @@ def test_crop_geometry_is_consistent_with_and_without_flip(table, demo_dataset):
             assert (gt & ~bm).sum() <= 0.03 * max(gt.sum(), 1)
 
 
+def _lrs(warmup: int, total: int, state: dict | None = None, start: int = 0) -> list[float]:
+    """The lr used at each step start..total of ``warmup_cosine`` (base lr 1)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup, total)
+    if state is not None:  # the loop's resume order: optimiser (holds the current lr), scheduler
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    out = []
+    for _ in range(start, total + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedule_known_values():
-    assert lr_lambda(0, 10, 110) == pytest.approx(0.1)
-    assert lr_lambda(9, 10, 110) == pytest.approx(1.0)
-    assert lr_lambda(60, 10, 110) == pytest.approx(0.5)  # half-way through the cosine
-    assert lr_lambda(110, 10, 110) == pytest.approx(0.0)
+    lr = _lrs(10, 110)
+    assert lr[0] == pytest.approx(0.1)  # linear warm-up: (t + 1) / warmup
+    assert lr[4] == pytest.approx(0.5)
+    assert lr[9] == pytest.approx(1.0) and lr[10] == pytest.approx(1.0)  # warm-up end
+    assert lr[60] == pytest.approx(0.5)  # half-way through the cosine
+    assert lr[35] == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+    assert lr[110] == pytest.approx(0.0, abs=1e-12)
+    lr = _lrs(0, 4)  # no warm-up: cosine from the first step
+    assert lr == pytest.approx(
+        [1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 - np.cos(np.pi / 4)), 0.0]
+    )
+    assert _lrs(1, 3) == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def test_lr_schedule_resumes_from_saved_state(tmp_path):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, 5, 30)
+    for _ in range(7):  # past the warm-up milestone
+        opt.step()
+        sched.step()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)  # as the loop resumes
+    assert _lrs(5, 30, state, start=7) == pytest.approx(_lrs(5, 30)[7:])
 
 
 def test_retrieval_switch_and_geometry(table, demo_dataset):
