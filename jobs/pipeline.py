@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quick and args.dataset != "demo":
+        raise SystemExit(
+            f"--quick is the tiny demo profile (demo_quick.yaml); it has no {args.dataset!r} "
+            "variant: drop --quick or pass --set overrides"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray

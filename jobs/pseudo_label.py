@@ -30,7 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exits import manifest, storage  # noqa: E402
-from exits.config import PipelineConfig, load_config  # noqa: E402
+from exits.config import PipelineConfig, load_config, validate_config  # noqa: E402
 from exits.data.coco import load_instances  # noqa: E402
 from exits.label import (  # noqa: E402
     PSEUDO_JSON,
@@ -78,7 +78,7 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         cfg.label.batch_size = args.batch_size
     if args.threshold is not None:
         cfg.label.threshold = args.threshold
-    return cfg
+    return validate_config(cfg)  # the flags too: fail before Ray starts
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,11 +10,10 @@ import pyarrow as pa
 import torch
 from pycocotools import mask as mask_utils
 
-from exits import storage
 from exits.config import CropConfig, LabelConfig
 from exits.data.coco import rle_to_json
 from exits.data.crops import crop_and_resize, enlarge_box, instance_box
-from exits.data.images import ImageError, load_image
+from exits.data.images import ImageError, load_image_under
 from exits.inference import mask_from_logits, predict_logits
 from exits.label.plan import RESULT_SCHEMA
 from exits.model.generator import OUTPUT_STRIDE  # generator logits are S/4 x S/4
@@ -46,7 +45,7 @@ def crop_images(
         h, w = int(img["height"]), int(img["width"])
         image_reason = None
         try:
-            pixels = load_image(storage.join(images, img["file_name"]))
+            pixels = load_image_under(images, img["file_name"], expected=(h, w))
             if pixels.shape[:2] != (h, w):
                 image_reason = f"image size {pixels.shape[1]}x{pixels.shape[0]} differs from annotation {w}x{h}"
         except ImageError as e:
