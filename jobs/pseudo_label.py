@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_config(args)
     # prepare: parse the json; images are decoded once, in the label stage (check_files=False)
-    instances, prepare_errors = load_instances(args.annotations, args.images, check_files=False)
+    instances, prepare_errors = load_instances(
+        args.annotations, args.images, check_files=False, max_pixels=cfg.data.max_image_pixels
+    )
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local

@@ -270,3 +270,38 @@ def check_extreme_points(points: Any) -> np.ndarray:
     if arr.shape != (8,):
         raise ValueError(f"extreme_points must be 4 (x, y) pairs, got {len(arr)} numbers")
     return arr.reshape(4, 2)
+
+
+def fill_missing_areas(data: dict) -> int:
+    """Give every annotation of a COCO dict without a numeric ``area`` one, in place (mask area
+    of a usable segmentation, else bbox w*h, else 0), because COCO evaluation (stage 2's
+    metric) needs it; returns how many were filled."""
+    from pycocotools import mask as mask_utils
+
+    images = {id_or_none(i.get("id")): i for i in data.get("images", []) if isinstance(i, dict)}
+    filled = 0
+    for ann in data.get("annotations", []):
+        if not isinstance(ann, dict) or _finite_number(ann.get("area")):
+            continue
+        area, img = 0.0, images.get(id_or_none(ann.get("image_id")))
+        try:
+            h, w = int(img["height"]), int(img["width"])
+            segm = check_segmentation(ann.get("segmentation"), h, w)
+            if isinstance(segm, list):
+                area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segm, h, w))))
+            elif isinstance(segm, dict):
+                rle = (
+                    mask_utils.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
+                )
+                area = float(mask_utils.area(rle))
+            elif _finite_number((ann.get("bbox") or [0, 0, 0, 0])[2]):
+                area = float(ann["bbox"][2] * ann["bbox"][3])
+        except (ValueError, TypeError, KeyError, IndexError):
+            pass
+        ann["area"] = area
+        filled += 1
+    return filled
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

@@ -18,14 +18,16 @@ from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.data.coco import read_table
+from exits.label.plan import MASK_SCHEMA
 
 
 def read_mask_rows(masks_uri: str) -> pa.Table:
     """Mask rows from a Parquet file or a directory of shards (``<run>/label/masks``)."""
-    if storage.is_dir(masks_uri):
+    if storage.is_dir(masks_uri) or not storage.exists(masks_uri):
+        # no directory: a run with no instances (nothing to commit) exports an empty json
         files = [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
         if not files:
-            raise FileNotFoundError(f"no Parquet shards under {masks_uri}")
+            return MASK_SCHEMA.empty_table()
         return pa.concat_tables([read_table(f) for f in files])
     return read_table(masks_uri)
 

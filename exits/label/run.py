@@ -138,8 +138,7 @@ def label_instances(
     seconds = time.time() - t0
     counts = verify_outputs(output, table, upstream_errors)
     summary = {
-        **counts,
-        "empty_masks": committer.counts["empty_masks"],
+        **counts,  # masks, errors, empty_masks: over all shards, also those of earlier runs
         "crops": committer.counts["crops"],
         "shards": num_shards,
         "shards_skipped": len(done & set(range(num_shards))),

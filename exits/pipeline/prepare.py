@@ -57,6 +57,21 @@ def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
     return out
 
 
+def _val_with_areas(val_json: str, run: str) -> str:
+    """The val json, or a copy under <run>/data whose annotations all carry ``area`` (stage 2's
+    COCO metric needs it; without this a missing area fails only after every stage ran)."""
+    from exits.data.validate import fill_missing_areas, read_coco_json
+
+    data = read_coco_json(val_json)
+    filled = fill_missing_areas(data)
+    if not filled:
+        return val_json
+    out = storage.join(run, "data", "annotations", "val_with_area.json")
+    storage.publish_bytes(out, json.dumps(data).encode())
+    log.warning("val json %s: %d annotations without area; filled in %s", val_json, filled, out)
+    return out
+
+
 def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
     from exits.data.coco import load_instances, write_table
 
@@ -74,14 +89,17 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
         paths = {"annotations": ann, "images": img, "val_annotations": val, "val_images": vimg}
     else:
         raise ValueError(f"dataset {d.name!r} has no data.annotations configured")
-    inst, err = load_instances(paths["annotations"], paths["images"])
+    inst, err = load_instances(paths["annotations"], paths["images"], max_pixels=d.max_image_pixels)
     if d.max_instances > 0 and inst.num_rows > d.max_instances:
         inst = inst.slice(0, d.max_instances)
     write_table(inst, stage_uri(run, "prepare", "instances.parquet"))
     write_table(err, stage_uri(run, "prepare", "errors.parquet"))
     counts = {"instances": inst.num_rows, "errors": err.num_rows}
     if paths["val_annotations"]:
-        vinst, verr = load_instances(paths["val_annotations"], paths["val_images"])
+        paths["val_annotations"] = _val_with_areas(paths["val_annotations"], run)
+        vinst, verr = load_instances(
+            paths["val_annotations"], paths["val_images"], max_pixels=d.max_image_pixels
+        )
         write_table(vinst, stage_uri(run, "prepare", "val_instances.parquet"))
         counts.update(val_instances=vinst.num_rows, val_errors=verr.num_rows)
     counts["separated"] = int(sum(bool(s) for s in inst["separated"].to_pylist()))

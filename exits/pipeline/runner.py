@@ -35,7 +35,10 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Each stage's fingerprint chains its upstream's, so a config change redoes what follows."""
     fps: dict[str, str] = {}
     parts = {
-        "prepare": [asdict(cfg.data)],
+        "prepare": [
+            asdict(cfg.data),
+            manifest.content_digest(cfg.data.annotations, cfg.data.val_annotations),
+        ],
         "warmup": [asdict(cfg.crop), asdict(cfg.model), asdict(cfg.loss), asdict(cfg.warmup)],
         "generator": [asdict(cfg.retrieval), asdict(cfg.generator)],
         "label": [asdict(cfg.label)],
