@@ -92,3 +92,16 @@ def gt_rle(ann: Mapping[str, Any], img: Mapping[str, Any] | None) -> dict | None
         "size": segm["size"],
         "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
     }
+
+
+def gt_with_masks(gt: Mapping[str, Any]) -> tuple[Mapping[str, Any], int]:
+    """(the GT json for segm evaluation, how many annotations it leaves out): annotations
+    without a usable mask (box-only, or a mask that does not fit its image) would crash
+    COCOeval, so they are left out of segm (and counted); the input is not modified."""
+    images = {i.get("id"): i for i in gt.get("images", [])}
+    anns = gt.get("annotations", [])
+    keep = [a for a in anns if gt_rle(a, images.get(a.get("image_id"))) is not None]
+    if len(keep) == len(anns):
+        return gt, 0
+    logger.warning("segm: %d GT annotations without a usable mask left out", len(anns) - len(keep))
+    return {**gt, "annotations": keep}, len(anns) - len(keep)

@@ -49,7 +49,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from exits.evaluate.checks import gt_rle as gt_rle_of
-from exits.evaluate.checks import usable_detections
+from exits.evaluate.checks import gt_with_masks, usable_detections
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +168,16 @@ def mask_ap(
         (-1 where COCOeval finds no GT in a size range), plus ``"skipped": {iou_type:
         {reason: count}}`` when predictions had to be left out (:mod:`exits.evaluate.checks`).
     """
-    gt = coco_from(gt_json)
+    data = load_json(gt_json)
     results = detections_from(det_json)
     out: dict[str, Any] = {}
     for t in iou_types:
+        gt_t, no_mask = gt_with_masks(data) if t == "segm" else (data, 0)
+        gt = coco_from(gt_t)
         keep, skipped = usable_detections(gt.dataset, results, t)
         out[t] = _coco_eval(gt, keep, t)
+        if no_mask:
+            skipped["GT annotations without a mask (left out)"] = no_mask
         if skipped:
             out.setdefault("skipped", {})[t] = skipped
     return out
@@ -259,8 +263,8 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
         pseudo label (scored 0), ``extra`` = pseudo annotations whose id is not an evaluated GT
         instance (ignored). Crowd and empty GT instances are skipped, and so are GT instances
         without a usable mask (box-only, or a mask that does not fit its image), counted in
-        ``no_gt_mask``; a pseudo mask that does not fit its GT image scores 0 and is counted
-        in ``invalid_pseudo``.
+        ``no_gt_mask``; a pseudo mask that does not fit its GT image (or names another image)
+        scores 0 and is counted in ``invalid_pseudo``.
     """
     gt, pseudo = load_json(gt_json), load_json(pseudo_json)
     images = {i.get("id"): i for i in gt.get("images", [])}
@@ -283,7 +287,8 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
             continue
         evaluated.add(ann_id)
         if ann_id in pseudo_anns:
-            rle = gt_rle_of(pseudo_anns[ann_id], img)
+            same_image = pseudo_anns[ann_id].get("image_id") == gt_ann.get("image_id")
+            rle = gt_rle_of(pseudo_anns[ann_id], img) if same_image else None
             iou = rle_iou(rle, gt_rle) if rle is not None else 0.0
             invalid_pseudo += rle is None
         else:
