@@ -56,8 +56,8 @@ def usable_detections(
     gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], iou_type: str
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(the detections that can be scored, {reason: count} of those left out; logged)."""
-    images = {i.get("id"): i for i in gt.get("images", [])}
-    cats = {c.get("id") for c in gt.get("categories", [])}
+    images = {i.get("id"): i for i in gt.get("images", []) if isinstance(i, Mapping)}
+    cats = {c.get("id") for c in gt.get("categories", []) if isinstance(c, Mapping)}
     keep, skipped = [], Counter()
     for det in results:
         reason = detection_problem(det, images, cats, iou_type)
@@ -76,10 +76,10 @@ def gt_rle(ann: Mapping[str, Any], img: Mapping[str, Any] | None) -> dict | None
     unknown image, a segmentation that does not fit the image)."""
     if img is None or ann.get("segmentation") is None:
         return None
-    h, w = int(img["height"]), int(img["width"])
     try:
+        h, w = int(img["height"]), int(img["width"])
         segm = check_segmentation(ann["segmentation"], h, w)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):
         return None
     if segm is None:
         return None
@@ -98,9 +98,9 @@ def gt_with_masks(gt: Mapping[str, Any]) -> tuple[Mapping[str, Any], int]:
     """(the GT json for segm evaluation, how many annotations it leaves out): annotations
     without a usable mask (box-only, or a mask that does not fit its image) would crash
     COCOeval, so they are left out of segm (and counted); the input is not modified."""
-    images = {i.get("id"): i for i in gt.get("images", [])}
+    images = {i.get("id"): i for i in gt.get("images", []) if isinstance(i, Mapping)}
     anns = gt.get("annotations", [])
-    keep = [a for a in anns if gt_rle(a, images.get(a.get("image_id"))) is not None]
+    keep = [a for a in anns if isinstance(a, Mapping) and gt_rle(a, images.get(a.get("image_id")))]
     if len(keep) == len(anns):
         return gt, 0
     logger.warning("segm: %d GT annotations without a usable mask left out", len(anns) - len(keep))

@@ -267,7 +267,7 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
         scores 0 and is counted in ``invalid_pseudo``.
     """
     gt, pseudo = load_json(gt_json), load_json(pseudo_json)
-    images = {i.get("id"): i for i in gt.get("images", [])}
+    images = {i.get("id"): i for i in gt.get("images", []) if isinstance(i, Mapping)}
     pseudo_anns = {a.get("id"): a for a in pseudo.get("annotations", []) if isinstance(a, Mapping)}
     groups: dict[str, list[float]] = {
         k: [] for k in ("all", "separated", "small", "medium", "large")
@@ -275,6 +275,8 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
     missing = no_gt_mask = invalid_pseudo = 0
     evaluated: set[int] = set()
     for gt_ann in gt.get("annotations", []):
+        if not isinstance(gt_ann, Mapping):
+            continue
         ann_id = gt_ann.get("id")
         if gt_ann.get("iscrowd", 0):
             continue

@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.data.coco import read_table
+from exits.data.validate import id_or_none
 from exits.label.plan import MASK_SCHEMA
 
 
@@ -65,7 +66,9 @@ def export_coco(
         {"images", "categories", "annotations", "skipped_empty"}.
     """
     source = storage.read_json(source_annotations)
-    known_images = {int(i["id"]) for i in source.get("images", [])}
+    known_images = {
+        id_or_none(i.get("id")) for i in source.get("images", []) if isinstance(i, dict)
+    }
     rows = read_mask_rows(masks_uri).sort_by("ann_id").to_pylist()
     annotations, skipped = [], 0
     for row in rows:

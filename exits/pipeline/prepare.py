@@ -40,9 +40,10 @@ def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
 def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
     """Split the train json into training and held-out jsons under <run>/data."""
     from exits.data.split import split_coco
+    from exits.data.validate import read_coco_json
 
     d = cfg.data
-    coco = json.loads(storage.read_bytes(d.annotations))
+    coco = read_coco_json(d.annotations)
     train, held = split_coco(coco, d.holdout_images, d.holdout_salt)
     target = storage.join(run, "data", "annotations")
     out = (

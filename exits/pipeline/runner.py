@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from exits import manifest, storage
-from exits.config import PipelineConfig
+from exits.config import PipelineConfig, validate_config
 from exits.pipeline.common import STAGES
 from exits.pipeline.eval import run_eval
 from exits.pipeline.label import run_label
@@ -60,6 +60,7 @@ def run_pipeline(
     force: bool = False,
 ) -> dict:
     """Run the selected stages in order; returns {stage: manifest}."""
+    validate_config(cfg)  # also for configs built in code: before anything is written
     selected = list(stages or STAGES)
     unknown = set(selected) - set(STAGES)
     if unknown:

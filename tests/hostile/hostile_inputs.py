@@ -97,6 +97,7 @@ def write_hostile_dataset(root: str, outside: str) -> tuple[str, str, dict]:
         img(17, "link.png"),                      # 12: symlink out of the root
         img(18, "missing.png"),                   # 12: plainly missing
         {"id": 19, "file_name": "good3.png", "width": SIZE},  # 14: no height
+        img("abc", "good3.png"), "not an object",  # ids / entries the export must survive
     ]  # fmt: skip
     nan = float("nan")
     anns = [
