@@ -55,7 +55,7 @@ def test_path_escapes_reveal_nothing(hostile):
     ann, images, _ = hostile
     _, err = load_instances(ann, images)
     got = reasons_by_ann(err)
-    by_id = {i["id"]: i["file_name"] for i in json.load(open(ann))["images"]}
+    by_id = {i["id"]: i["file_name"] for i in json.load(open(ann))["images"] if isinstance(i, dict)}
     names = {27: by_id[15], 28: by_id[16]}  # exists outside the root / missing
     shape = {a: got[a].replace(repr(names.get(a, "")), "NAME") for a in (27, 28)}
     assert shape[27] == shape[28] == "missing image file: NAME"
