@@ -40,26 +40,34 @@ class ImageError(Exception):
         self.reason = reason
 
 
-def image_uri(root: str, file_name: str) -> str:
-    """URI of ``file_name`` under the images root ``root``; raises :class:`ImageError`
-    (reason :data:`NOT_FOUND`) for a name that is not a plain relative path inside it."""
+def relative_name(file_name: object) -> str | None:
+    """``file_name`` normalised to a plain relative path (``a/./b`` -> ``a/b``), or None for
+    anything else: not a string, empty, absolute, a URI, a drive letter, ``..`` leaving the
+    top, NUL. A string-only check (no filesystem access)."""
     name = file_name if isinstance(file_name, str) else ""
     norm = posixpath.normpath(name.replace("\\", "/")) if name else ""
     if (
-        not norm
+        norm in ("", ".", "..")
         or "\x00" in name
         or "://" in name
-        or norm.startswith("/")
-        or norm == ".."
-        or norm.startswith("../")
+        or norm.startswith(("/", "../"))
         or (len(norm) > 1 and norm[1] == ":")  # a Windows drive letter
     ):
-        raise ImageError(f"{NOT_FOUND}: {name!r}")
+        return None
+    return norm
+
+
+def image_uri(root: str, file_name: str) -> str:
+    """URI of ``file_name`` under the images root ``root``; raises :class:`ImageError`
+    (reason :data:`NOT_FOUND`) for a name that is not a plain relative path inside it."""
+    norm = relative_name(file_name)
+    if norm is None:
+        raise ImageError(f"{NOT_FOUND}: {file_name!r}")
     uri = storage.join(root, norm)
     if not storage.is_s3(root) and "://" not in root:  # local: no symlink out of the root
         real_root = os.path.realpath(root)
         if not os.path.realpath(uri).startswith(real_root.rstrip(os.sep) + os.sep):
-            raise ImageError(f"{NOT_FOUND}: {name!r}")
+            raise ImageError(f"{NOT_FOUND}: {file_name!r}")
     return uri
 
 

@@ -93,8 +93,8 @@ def check_categories(categories: list) -> set[int]:
     }
 
 
-def check_image_entry(img: Any, max_pixels: int) -> str | None:
-    """Reason an image entry is unusable (declared size), or None."""
+def check_image_entry(img: Any, max_pixels: int | None) -> str | None:
+    """Reason an image entry is unusable (declared size; ``max_pixels`` None: no limit)."""
     if not isinstance(img, dict):
         return "image entry is not an object"
     for key in ("height", "width"):
@@ -107,13 +107,13 @@ def check_image_entry(img: Any, max_pixels: int) -> str | None:
         ):
             return f"image {img.get('id')!r} has no valid {key} (got {v!r})"
     h, w = int(img["height"]), int(img["width"])
-    if h * w > max_pixels:
+    if max_pixels is not None and h * w > max_pixels:
         return f"declared image size {w}x{h} exceeds data.max_image_pixels ({max_pixels})"
     return None
 
 
 def check_images(
-    images: list, max_pixels: int, file_name_error=None
+    images: list, max_pixels: int | None, file_name_error=None
 ) -> tuple[dict[int, dict], dict[int, str]]:
     """(usable image entries by id, reason by id for the unusable ones).
 
@@ -305,3 +305,33 @@ def fill_missing_areas(data: dict) -> int:
 
 def _finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def drop_unusable_images(data: dict, max_pixels: int | None = None, root: str | None = None) -> int:
+    """Remove, in place, the image entries a downstream COCO tool (stage 2's mmdet loader) must
+    not see, and the annotations on them: not an object, no integer id, a duplicate id, no valid
+    size (or more than ``max_pixels``), a file name outside the images root (``root`` given:
+    resolved as ``exits.data.images.image_uri`` does; else the name alone is checked).
+    Returns how many image entries were removed."""
+    from exits.data.coco import image_file_name  # (coco imports this module)
+    from exits.data.images import ImageError, image_uri, relative_name
+
+    def name_error(img: dict) -> str | None:
+        name = image_file_name(img)
+        try:
+            ok = image_uri(root, name) if root else relative_name(name)
+        except ImageError:
+            ok = None
+        return None if ok else "file name outside the images root"
+
+    images = data.get("images") or []
+    good, _ = check_images(images, max_pixels, name_error)
+    keep = [i for i in images if isinstance(i, dict) and id_or_none(i.get("id")) in good]
+    if len(keep) == len(images):
+        return 0
+    data["images"] = keep
+    data["annotations"] = [
+        a for a in data.get("annotations") or []
+        if isinstance(a, dict) and id_or_none(a.get("image_id")) in good
+    ]  # fmt: skip
+    return len(images) - len(keep)

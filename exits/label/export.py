@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.data.coco import read_table
-from exits.data.validate import id_or_none
+from exits.data.validate import drop_unusable_images, id_or_none
 from exits.label.plan import MASK_SCHEMA
 
 
@@ -81,6 +81,7 @@ def export_coco(
             )
         annotations.append(annotation_from_row(row))
     out = {k: source[k] for k in ("info", "licenses") if k in source}
+    drop_unusable_images(source)  # entries that cannot be images (bad id/size/name): not exported
     out.update(
         images=source.get("images", []),
         categories=source.get("categories", []),

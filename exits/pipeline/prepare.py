@@ -58,18 +58,21 @@ def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
     return out
 
 
-def _val_with_areas(val_json: str, run: str) -> str:
-    """The val json, or a copy under <run>/data whose annotations all carry ``area`` (stage 2's
-    COCO metric needs it; without this a missing area fails only after every stage ran)."""
-    from exits.data.validate import fill_missing_areas, read_coco_json
+def _val_for_stage2(val_json: str, run: str, images: str | None = None, max_pixels: int | None = None) -> str:  # fmt: skip
+    """The val json, or a copy under <run>/data that stage 2's mmdet loader and COCO metric can
+    take: every annotation carries ``area`` (else stage 2 fails after every stage ran) and image
+    entries prepare rejects (bad id/size, a file name outside the images root) are left out."""
+    from exits.data.validate import drop_unusable_images, fill_missing_areas, read_coco_json
 
     data = read_coco_json(val_json)
+    dropped = drop_unusable_images(data, max_pixels, images)
     filled = fill_missing_areas(data)
-    if not filled:
+    if not (filled or dropped):
         return val_json
-    out = storage.join(run, "data", "annotations", "val_with_area.json")
+    out = storage.join(run, "data", "annotations", "val_for_stage2.json")
     storage.publish_bytes(out, json.dumps(data).encode())
-    log.warning("val json %s: %d annotations without area; filled in %s", val_json, filled, out)
+    log.warning("val json %s: %d annotations without area filled, %d unusable image entries "
+                "left out: %s", val_json, filled, dropped, out)  # fmt: skip
     return out
 
 
@@ -97,7 +100,9 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
     write_table(err, stage_uri(run, "prepare", "errors.parquet"))
     counts = {"instances": inst.num_rows, "errors": err.num_rows}
     if paths["val_annotations"]:
-        paths["val_annotations"] = _val_with_areas(paths["val_annotations"], run)
+        paths["val_annotations"] = _val_for_stage2(
+            paths["val_annotations"], run, paths["val_images"], d.max_image_pixels
+        )
         vinst, verr = load_instances(
             paths["val_annotations"], paths["val_images"], max_pixels=d.max_image_pixels
         )

@@ -104,18 +104,22 @@ def test_pseudo_with_unknown_ids_and_bad_files(tmp_path):
         ev.main(["--gt", str(gp), "--pred", str(tmp_path / "bad.json"), "--out", str(tmp_path)])
 
 
-def test_val_json_without_area_is_completed_at_prepare(tmp_path):
-    """Item 6: a val json without ``area`` failed stage 2 after every earlier stage ran."""
-    from exits.pipeline.prepare import _val_with_areas
+def test_val_json_is_made_fit_for_stage2_at_prepare(tmp_path):
+    """Item 6: a val json without ``area`` failed stage 2 after every earlier stage ran; item
+    12: an image entry outside the images root must not reach mmdet's loader either."""
+    from exits.pipeline.prepare import _val_for_stage2
 
     gt = gt_json()
     for a in gt["annotations"]:
         a.pop("area")
+    gt["images"] += [{"id": 2, "file_name": "/etc/hostname", "height": H, "width": W}, "junk"]
+    gt["annotations"].append({"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 1, 4, 4]})
     (tmp_path / "val.json").write_text(json.dumps(gt))
-    out = _val_with_areas(str(tmp_path / "val.json"), str(tmp_path / "run"))
-    areas = [a["area"] for a in json.load(open(out))["annotations"]]
-    assert areas == [100.0, 25.0]
-    assert _val_with_areas(out, str(tmp_path / "run2")) == out  # complete: used as is
+    out = _val_for_stage2(str(tmp_path / "val.json"), str(tmp_path / "run"), str(tmp_path))
+    fixed = json.load(open(out))
+    assert [a["area"] for a in fixed["annotations"]] == [100.0, 25.0]
+    assert [i["id"] for i in fixed["images"]] == [1]
+    assert _val_for_stage2(out, str(tmp_path / "run2")) == out  # fit: used as is
 
 
 @pytest.mark.parametrize(

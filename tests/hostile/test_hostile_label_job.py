@@ -93,7 +93,9 @@ def test_hostile_job_finishes_resumes_and_refuses_stale(ray_local, checkpoint, j
     for ann_id, want in expected.items():
         if want is not None:
             assert want in reasons[ann_id], (ann_id, reasons[ann_id])
-    assert os.path.exists(os.path.join(out, "label", "pseudo_coco.json"))
+    exported = json.load(open(os.path.join(out, "label", "pseudo_coco.json")))
+    assert all(isinstance(i, dict) and isinstance(i["id"], int) for i in exported["images"])
+    assert "/etc/hostname" not in {i["file_name"] for i in exported["images"]}
 
     # item 8: the same ids with a changed box: refused with a message, never "cached"
     data = json.load(open(ann))
@@ -104,6 +106,11 @@ def test_hostile_job_finishes_resumes_and_refuses_stale(ray_local, checkpoint, j
         run_job(job, checkpoint, changed, images, out, "label.shard_images=1")
     again = run_job(job, checkpoint, ann, images, out, "label.shard_images=1")
     assert again["cached"] and again["empty_masks"] == summary["empty_masks"]
+    # an image replaced in place (same name): refused too (local roots: size + mtime)
+    path = os.path.join(images, "good0.png")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="other inputs/settings"):
+        run_job(job, checkpoint, ann, images, out, "label.shard_images=1")
 
 
 @pytest.mark.slow
