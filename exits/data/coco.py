@@ -226,6 +226,8 @@ def _file_name_error(images: str | None):
                 raise ImageError(f"image {img.get('id')} has no file_name")
         except ImageError as e:
             return e.reason
+        except (AttributeError, TypeError):  # e.g. a coco_url that is not a string
+            return f"image {img.get('id')} has no usable file_name or coco_url"
         return None
 
     return check
