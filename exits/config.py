@@ -374,6 +374,18 @@ def validate_config(cfg: PipelineConfig) -> PipelineConfig:
                 raise ValueError(f"config key {key} must be one of {choices}, got {value!r}")
     if cfg.crop.train_max_enlarge < cfg.crop.train_mean_enlarge:
         raise ValueError("config key crop.train_max_enlarge must be >= crop.train_mean_enlarge")
+    model = cfg.stage2.model
+    if not model.endswith((".yaml", ".yml")) and not os.path.isfile(
+        os.path.join(CONFIG_DIR, "stage2", f"{model}.yaml")
+    ):
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "stage2")))
+        raise ValueError(f"config key stage2.model: unknown model {model!r}; known: {known}")
+    from exits.model.generator import GENERATORS  # the registry (imports torch, once)
+
+    if cfg.model.generator not in GENERATORS:
+        raise ValueError(
+            f"config key model.generator: unknown {cfg.model.generator!r}; known: {sorted(GENERATORS)}"
+        )
     return cfg
 
 

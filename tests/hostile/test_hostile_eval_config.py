@@ -131,6 +131,8 @@ def test_val_json_is_made_fit_for_stage2_at_prepare(tmp_path):
         ("retrieval.similarity=nope", "retrieval.similarity must be one of"),
         ("crop.inference_enlarge=nan", "must be finite"),
         ("label.shard_images=-1", "label.shard_images"),
+        ("model.generator=vit_huge", "model.generator: unknown"),
+        ("stage2.model=yolo", "stage2.model: unknown"),
     ],
 )
 def test_config_ranges_fail_at_load(override, match):
