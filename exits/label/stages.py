@@ -206,6 +206,18 @@ def crop_task_memory(rows: pa.Table, size: int, images_per_block: int) -> int:
     return images_per_block * (per_image + crops)
 
 
+def fit_memory_request(request: int) -> int:
+    """``request`` capped at half the largest live node's memory: a request above every node's
+    capacity never schedules (Ray: "may hang forever"), and declared sizes are only checked
+    against the files inside the task (a wrong declared size is an error row there)."""
+    import ray
+
+    largest = max(
+        (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    return min(request, int(largest // 2)) if largest > 0 else request
+
+
 def build_dataset(
     rows: pa.Table,
     *,
@@ -230,7 +242,7 @@ def build_dataset(
         # A memory request sized from the metadata. It also keeps this CPU stage out of the
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
-        memory=crop_task_memory(rows, crop.size, cfg.images_per_block),
+        memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
     )
     ds = ds.map_batches(
         GeneratorStage,

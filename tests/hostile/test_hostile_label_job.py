@@ -131,3 +131,26 @@ def test_nothing_to_label_still_finishes(ray_local, checkpoint, job, tmp_path, c
         summary = run_job(job, checkpoint, str(ann), str(tmp_path), out)
         assert summary["masks"] == 0 and summary["exported"]["annotations"] == 0
         assert summary["prepare_errors"] == (case == "all_invalid")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_huge_declared_size_does_not_hang(ray_local, checkpoint, job, tmp_path):
+    """Item 3: a json declaring 60000² for an ordinary image made the crop task ask Ray for
+    321.9 GiB and hang; with the limit raised past it, the request is capped and the image is
+    an error row (its header disagrees), the other image a mask."""
+    from hostile_inputs import SIZE, good_image, png
+
+    (tmp_path / "a.png").write_bytes(png(good_image(0)))
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": SIZE, "width": SIZE},
+                       {"id": 2, "file_name": "a.png", "height": 60000, "width": 60000}],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [20, 20, 40, 40]}
+                            for i in (1, 2)],
+            "categories": [{"id": 1, "name": "x"}]}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    out = str(tmp_path / "run")
+    summary = run_job(job, checkpoint, str(tmp_path / "a.json"), str(tmp_path), out,
+                      "data.max_image_pixels=4000000000")  # fmt: skip
+    assert summary["masks"] == 1 and summary["errors"] == 1
+    (row,) = read_errors(out).to_pylist()
+    assert row["ann_id"] == 2 and "differs from annotation 60000x60000" in row["reason"]
