@@ -8,6 +8,7 @@ receives the small dataclass it needs, never the whole config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class DataConfig:
     holdout_salt: str = (
         "holdout"  # another salt = another split (e.g. "tune" inside the train part)
     )
+    # hostile-input limit (exits.data.validate / images): an image whose declared or stored
+    # size exceeds this many pixels is an error row, checked before any pixel buffer exists
+    max_image_pixels: int = 2**26  # 8192 x 8192
 
 
 @dataclass
@@ -268,6 +272,123 @@ def _absolute_data_paths(data: DataConfig) -> None:
             setattr(data, name, os.path.abspath(value))
 
 
+# (section, field) -> (low, high, low inclusive): every numeric value is range-checked at load
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
+    ("data", "max_instances"): (0, None, True),
+    ("data", "holdout_images"): (0, None, True),
+    ("data", "synthetic_images"): (1, None, True),
+    ("data", "synthetic_image_size"): (16, None, True),
+    ("data", "max_image_pixels"): (1, None, True),
+    ("crop", "size"): (1, None, True),
+    ("crop", "inference_enlarge"): (1.0, None, True),
+    ("crop", "train_mean_enlarge"): (1.0, None, True),
+    ("crop", "train_max_enlarge"): (1.0, None, True),
+    ("model", "trainable_blocks"): (-1, None, True),
+    ("retrieval", "sinkhorn_iters"): (1, None, True),
+    ("retrieval", "hops"): (1, None, True),
+    ("retrieval", "fg_quantile"): (0.0, 1.0, True),
+    ("retrieval", "bg_quantile"): (0.0, 1.0, True),
+    ("retrieval", "delta"): (0.0, None, True),
+    ("retrieval", "dropout"): (0.0, 1.0, True),
+    ("retrieval", "bilateral_theta_pos"): (0.0, None, False),
+    ("retrieval", "bilateral_theta_col"): (0.0, None, False),
+    ("retrieval", "token_temperature"): (0.0, None, False),
+    ("loss", "lambda_point"): (0.0, None, True),
+    ("loss", "lambda_crf"): (0.0, None, True),
+    ("loss", "lambda_mil"): (0.0, None, True),
+    ("loss", "balanced_bce"): (0.0, None, True),
+    ("loss", "crf_iters"): (0, None, True),
+    ("loss", "warmup_pairwise"): (0.0, None, True),
+    ("train", "epochs"): (0, None, True),
+    ("train", "max_steps"): (0, None, True),
+    ("train", "batch_size"): (1, None, True),
+    ("train", "lr"): (0.0, None, False),
+    ("train", "weight_decay"): (0.0, None, True),
+    ("train", "warmup_steps"): (0, None, True),
+    ("train", "ema_momentum"): (0.0, 1.0, True),
+    ("train", "num_workers"): (1, None, True),
+    ("train", "max_failures"): (-1, None, True),
+    ("train", "checkpoint_every"): (1, None, True),
+    ("label", "batch_size"): (1, None, True),
+    ("label", "num_actors"): (1, None, True),
+    ("label", "gpus_per_actor"): (0.0, None, True),
+    ("label", "cpus_per_actor"): (0.0, None, True),
+    ("label", "threshold"): (0.0, 1.0, False),
+    ("label", "images_per_block"): (1, None, True),
+    ("label", "shard_images"): (1, None, True),
+    ("stage2", "max_iters"): (0, None, True),
+    ("stage2", "num_workers"): (1, None, True),
+    ("stage2", "cpus_per_worker"): (1, None, True),
+    ("stage2", "batch_size"): (0, None, True),
+    ("stage2", "image_size"): (0, None, True),
+}
+# string switches with a closed set of values (the modules that read them say what each does)
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("retrieval", "similarity"): (
+        "attention",
+        "bilateral",
+        "spatial",
+        "attention_x_bilateral",
+        "tokens",
+        "tokens_x_bilateral",
+    ),  # fmt: skip
+    ("retrieval", "threshold_rule"): ("absolute", "relative"),
+    ("loss", "objective"): ("exits", "box_only"),
+    ("loss", "crf"): ("torch", "pydensecrf"),
+    ("stage2", "profile"): ("full", "cpu_small"),
+}
+DEVICES = ("cpu", "cuda")
+
+
+def validate_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Type- and range-check every value (fail fast: before Ray starts or anything is written).
+
+    Raises:
+        ValueError: naming the key, its value and the allowed range or choices.
+    """
+    if cfg.device not in DEVICES:
+        raise ValueError(f"config key device must be one of {DEVICES}, got {cfg.device!r}")
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        kind = "train" if isinstance(part, TrainConfig) else section.name
+        hints = typing.get_type_hints(type(part))
+        for f in dataclasses.fields(part):
+            key, value = f"{section.name}.{f.name}", getattr(part, f.name)
+            _check_type(key, hints[f.name], value)  # a value set in code, not only via YAML
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {key} must be finite, got {value!r}")
+            low, high, closed = _RANGES.get((kind, f.name), (None, None, True))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                below = low is not None and (value < low if closed else value <= low)
+                above = high is not None and (value > high if closed else value >= high)
+                if below or above:
+                    lo, hi = ("[" if closed else "("), ("]" if closed else ")")
+                    raise ValueError(
+                        f"config key {key} = {value!r} is outside {lo}{low}, "
+                        f"{high if high is not None else 'inf'}{hi}"
+                    )
+            choices = _CHOICES.get((kind, f.name))
+            if choices and value not in choices:
+                raise ValueError(f"config key {key} must be one of {choices}, got {value!r}")
+    if cfg.crop.train_max_enlarge < cfg.crop.train_mean_enlarge:
+        raise ValueError("config key crop.train_max_enlarge must be >= crop.train_mean_enlarge")
+    model = cfg.stage2.model
+    if not model.endswith((".yaml", ".yml")) and not os.path.isfile(
+        os.path.join(CONFIG_DIR, "stage2", f"{model}.yaml")
+    ):
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "stage2")))
+        raise ValueError(f"config key stage2.model: unknown model {model!r}; known: {known}")
+    from exits.model.generator import GENERATORS  # the registry (imports torch, once)
+
+    if cfg.model.generator not in GENERATORS:
+        raise ValueError(
+            f"config key model.generator: unknown {cfg.model.generator!r}; known: {sorted(GENERATORS)}"
+        )
+    return cfg
+
+
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
     """Build a :class:`PipelineConfig` from a dataset name or YAML path (None: the dataclass
     defaults) plus overrides; ``device: cuda`` switches every stage to GPUs here, once."""
@@ -281,7 +402,7 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
             part.use_gpu = True
         if cfg.label.gpus_per_actor == 0:
             cfg.label.gpus_per_actor = 1.0
-    return cfg
+    return validate_config(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -16,10 +16,9 @@ import torch
 from scipy.special import expit
 from torch import nn
 
-from exits import storage
 from exits.config import LabelConfig
 from exits.data.crops import INFERENCE_ENLARGE, crop_and_resize, enlarge_box, paste_mask, row_box
-from exits.data.images import load_image
+from exits.data.images import load_image_under
 from exits.data.transforms import normalize, to_tensor
 
 
@@ -102,7 +101,7 @@ def masks_for_rows(
         for row in chunk:
             if row["file_name"] not in cache:
                 cache.clear()  # rows are grouped by image in practice; keep one image
-                cache[row["file_name"]] = load_image(storage.join(images, row["file_name"]))
+                cache[row["file_name"]] = load_image_under(images, row["file_name"])
             crop, crop_box, box = crop_instance(cache[row["file_name"]], row, size, enlarge)
             crops.append(crop)
             geoms.append((crop_box, box))

@@ -30,6 +30,21 @@ def fingerprint(*objs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def content_digest(*uris: str) -> dict[str, str]:
+    """sha256 (16 hex) of each non-empty URI's bytes: fingerprints cover what an input file
+    holds, not only its name, so a json edited in place is redone, never silently reused."""
+    out = {}
+    for uri in uris:
+        if uri:
+            fs, path = storage.get_filesystem(uri)
+            h = hashlib.sha256()
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            out[uri] = h.hexdigest()[:16]
+    return out
+
+
 def code_version() -> str:
     try:
         sha = subprocess.run(

@@ -55,15 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quick and args.dataset != "demo":
+        raise SystemExit(
+            f"--quick is the tiny demo profile (demo_quick.yaml); it has no {args.dataset!r} "
+            "variant: drop --quick or pass --set overrides"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dataset = "demo_quick" if args.quick else args.dataset
+    cfg = load_config(dataset, args.overrides)  # every value checked here, before Ray
     import ray
 
     from exits import storage
     from exits.pipeline import abspath_if_local, run_pipeline, summary_line
 
-    dataset = "demo_quick" if args.quick and args.dataset == "demo" else args.dataset
-    cfg = load_config(dataset, args.overrides)
     if args.s3_endpoint:
         storage.configure_s3(endpoint=args.s3_endpoint)
     output = abspath_if_local(args.output or os.path.join("runs", cfg.data.name))

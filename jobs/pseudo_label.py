@@ -30,7 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exits import manifest, storage  # noqa: E402
-from exits.config import PipelineConfig, load_config  # noqa: E402
+from exits.config import PipelineConfig, load_config, validate_config  # noqa: E402
 from exits.data.coco import load_instances  # noqa: E402
 from exits.label import (  # noqa: E402
     PSEUDO_JSON,
@@ -78,7 +78,7 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         cfg.label.batch_size = args.batch_size
     if args.threshold is not None:
         cfg.label.threshold = args.threshold
-    return cfg
+    return validate_config(cfg)  # the flags too: fail before Ray starts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_config(args)
     # prepare: parse the json; images are decoded once, in the label stage (check_files=False)
-    instances, prepare_errors = load_instances(args.annotations, args.images, check_files=False)
+    instances, prepare_errors = load_instances(
+        args.annotations, args.images, check_files=False, max_pixels=cfg.data.max_image_pixels
+    )
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local

@@ -169,6 +169,19 @@ def test_gcp_capacity_and_service_accounts() -> None:
         assert any(s.endswith(("devstorage.read_write", "cloud-platform")) for s in scopes)
 
 
+def test_gcp_head_has_its_own_scoped_account() -> None:
+    """Issue 13: without serviceAccounts the head runs as Ray's ray-autoscaler-sa-v1, bound
+    project-wide to storage.objectAdmin / compute.admin / iam.serviceAccountUser."""
+    config = _load("gcp.yaml")
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    (account,) = head["serviceAccounts"]
+    assert account["email"].startswith("exits-ray-head@")
+    assert "ray-autoscaler" not in account["email"]
+    assert not any(s.endswith("cloud-platform") for s in account["scopes"])
+    readme = (CLUSTER / "README.md").read_text()
+    assert "buckets add-iam-policy-binding" in readme and "roles/compute.instanceAdmin.v1" in readme
+
+
 # --------------------------------------------------------------------------------------
 # (b) KubeRay
 # --------------------------------------------------------------------------------------

@@ -29,13 +29,15 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from exits import storage
+from exits.config import DataConfig
+from exits.data import validate
 from exits.data.crops import instance_box
 from exits.data.extreme_points import (
     extreme_points_from_mask,
     extreme_points_from_polygons,
     validate_extreme_points,
 )
-from exits.data.images import ImageError, load_image
+from exits.data.images import ImageError, image_uri, load_image
 
 LVIS_URL_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 SEPARATED_MIN_COMPONENTS = 2
@@ -79,15 +81,10 @@ class ImageCheck:
 
 
 def error_row(ann_id: Any, image_id: Any, stage: str, reason: str) -> dict:
-    def as_int(v: Any) -> int | None:
-        try:
-            return int(v)
-        except (TypeError, ValueError):
-            return None
-
+    """An error row; ids that are not JSON integers (the reason names them) become null."""
     return {
-        "ann_id": as_int(ann_id),
-        "image_id": as_int(image_id),
+        "ann_id": validate.id_or_none(ann_id),
+        "image_id": validate.id_or_none(image_id),
         "stage": stage,
         "reason": reason,
     }
@@ -141,35 +138,44 @@ def num_components(mask: np.ndarray) -> int:
     return n - 1
 
 
-def _check_image(uri: str) -> ImageCheck:
+def _check_image(job: tuple[str, tuple[int, int] | None, int | None, str]) -> ImageCheck:
+    uri, expected, max_pixels, name = job
     try:
-        img = load_image(uri)
+        img = load_image(uri, expected, max_pixels, name=name)
     except ImageError as e:
         return ImageCheck(error=e.reason)
     return ImageCheck(height=img.shape[0], width=img.shape[1])
 
 
-def check_images(uris: list[str], num_threads: int = 8) -> list[ImageCheck]:
-    """Decode every image once (in threads) to catch missing/corrupt files and real sizes."""
+def check_images(
+    uris: list[str],
+    num_threads: int = 8,
+    expected: list[tuple[int, int]] | None = None,
+    max_pixels: int | None = None,
+    names: list[str] | None = None,
+) -> list[ImageCheck]:
+    """Decode every image once (in threads) to catch missing/corrupt files and real sizes;
+    the header's size is checked against ``expected`` (H, W) and ``max_pixels`` first."""
+    jobs = [(u, expected[k] if expected else None, max_pixels, names[k] if names else u)
+            for k, u in enumerate(uris)]  # fmt: skip
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        return list(pool.map(_check_image, uris))
+        return list(pool.map(_check_image, jobs))
 
 
 def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
     """Build one instance row; raises ValueError with a reason for unusable records."""
     h, w = int(img["height"]), int(img["width"])
-    rle = segmentation_to_rle(ann.get("segmentation"), h, w)
+    segm = validate.check_segmentation(ann.get("segmentation"), h, w)  # before pycocotools
+    rle = segmentation_to_rle(segm, h, w)
     mask = mask_utils.decode(rle) if rle is not None else None
     if mask is not None and not mask.any():
         raise ValueError("empty GT mask")
     points, source = None, "none"
     if ann.get("extreme_points") is not None:
-        points = np.asarray(ann["extreme_points"], dtype=np.float64).reshape(-1, 2)
-        if points.shape != (4, 2):
-            raise ValueError(f"extreme_points must be 4 (x, y) pairs, got shape {points.shape}")
+        points = validate.check_extreme_points(ann["extreme_points"])
         points, source = np.rint(points).astype(np.int32), "json"
-    elif isinstance(ann.get("segmentation"), list) and ann["segmentation"]:
-        points, source = extreme_points_from_polygons(ann["segmentation"]), "polygon"
+    elif isinstance(segm, list) and segm:
+        points, source = extreme_points_from_polygons(segm), "polygon"
         # polygon vertices may sit on the far edge (x == width): clamp into the image
         points = np.minimum(np.maximum(points, 0), [w - 1, h - 1]).astype(np.int32)
     elif mask is not None:
@@ -210,30 +216,57 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
     }
 
 
+def _file_name_error(images: str | None):
+    def check(img: dict) -> str | None:
+        try:
+            name = image_file_name(img)
+            if images is not None:
+                image_uri(images, name)
+            elif not isinstance(name, str) or not name:
+                raise ImageError(f"image {img.get('id')} has no file_name")
+        except ImageError as e:
+            return e.reason
+        except (AttributeError, TypeError):  # e.g. a coco_url that is not a string
+            return f"image {img.get('id')} has no usable file_name or coco_url"
+        return None
+
+    return check
+
+
 def build_instances(
-    data: dict, images: str | None, check_files: bool = True, num_threads: int = 8
+    data: dict,
+    images: str | None,
+    check_files: bool = True,
+    num_threads: int = 8,
+    max_pixels: int = DataConfig.max_image_pixels,
 ) -> tuple[pa.Table, pa.Table]:
     """Instance and error tables from a parsed COCO-format dict (see :func:`load_instances`)."""
-    anns = data.get("annotations", [])
-    imgs = {int(i["id"]): i for i in data.get("images", [])}
-    cats = {int(c["id"]) for c in data.get("categories", [])}
+    data = validate.check_structure(data)
+    anns = [validate.annotation_ids(a, k) for k, a in enumerate(data["annotations"])]
+    imgs, bad_images = validate.check_images(data["images"], max_pixels, _file_name_error(images))
+    cats = validate.check_categories(data["categories"])
     checks: dict[int, ImageCheck] = {}
     if check_files and images is not None:
-        used = sorted({a.get("image_id") for a in anns if a.get("image_id") in imgs})
+        used = sorted({a.get("image_id") for a, r in anns if not r and a.get("image_id") in imgs})
         results = check_images(
-            [storage.join(images, image_file_name(imgs[i])) for i in used], num_threads
-        )
+            [image_uri(images, image_file_name(imgs[i])) for i in used], num_threads,
+            expected=[(imgs[i]["height"], imgs[i]["width"]) for i in used], max_pixels=max_pixels,
+            names=[repr(image_file_name(imgs[i])) for i in used],
+        )  # fmt: skip
         checks = dict(zip(used, results))
     rows, errors, seen = [], [], set()
-    for ann in anns:
+    for ann, reason in anns:
         ann_id, image_id = ann.get("id"), ann.get("image_id")
-        if ann_id is None:
-            errors.append(error_row(None, image_id, "prepare", "annotation without id"))
+        if reason:
+            errors.append(error_row(ann_id, image_id, "prepare", reason))
             continue
         if ann_id in seen:
             errors.append(error_row(ann_id, image_id, "prepare", "duplicate annotation id"))
             continue
         seen.add(ann_id)
+        if image_id in bad_images:
+            errors.append(error_row(ann_id, image_id, "prepare", bad_images[image_id]))
+            continue
         if image_id not in imgs:
             errors.append(error_row(ann_id, image_id, "prepare", f"unknown image id {image_id}"))
             continue
@@ -274,7 +307,11 @@ def build_instances(
 
 
 def load_instances(
-    annotations: str, images: str, check_files: bool = True, num_threads: int = 8
+    annotations: str,
+    images: str,
+    check_files: bool = True,
+    num_threads: int = 8,
+    max_pixels: int = DataConfig.max_image_pixels,
 ) -> tuple[pa.Table, pa.Table]:
     """Load a COCO-format json (local or s3) into (instances, errors) Arrow tables.
 
@@ -284,12 +321,17 @@ def load_instances(
         check_files: decode every referenced image once to catch missing/corrupt files and size
             mismatches (grayscale/RGBA/16-bit are normalised at decode time, not errors).
         num_threads: decoding threads.
+        max_pixels: images declared or stored larger than this are error rows
+            (``data.max_image_pixels``); checked before any decode.
+
+    Raises:
+        ValueError: a file that is not a COCO-format json object (one line, no traceback
+            from the parser); every problem inside it is an error row instead.
     """
-    try:
-        data = storage.read_json(annotations)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read annotations {annotations}: {e}") from e
-    return build_instances(data, images, check_files=check_files, num_threads=num_threads)
+    data = validate.read_coco_json(annotations)
+    return build_instances(
+        data, images, check_files=check_files, num_threads=num_threads, max_pixels=max_pixels
+    )
 
 
 def write_table(table: pa.Table, uri: str) -> None:

@@ -26,15 +26,18 @@ def holdout_ids(image_ids: Iterable, n_holdout: int, salt: str = HOLDOUT_SALT) -
 
 def split_coco(coco: dict, n_holdout: int, salt: str = HOLDOUT_SALT) -> tuple[dict, dict]:
     """(kept, held_out) COCO dicts: images and their annotations; everything else copied."""
-    held = holdout_ids((im["id"] for im in coco.get("images", [])), n_holdout, salt)
+    images = [im for im in coco.get("images", []) if isinstance(im, dict)]
+    held = holdout_ids({str(im.get("id")): im.get("id") for im in images}.values(), n_holdout, salt)
     base = {k: v for k, v in coco.items() if k not in ("images", "annotations")}
 
     def part(keep_held: bool) -> dict:
         return {
             **base,
-            "images": [im for im in coco.get("images", []) if (im["id"] in held) == keep_held],
+            "images": [im for im in images if (im.get("id") in held) == keep_held],
             "annotations": [
-                a for a in coco.get("annotations", []) if (a.get("image_id") in held) == keep_held
+                a
+                for a in coco.get("annotations", [])
+                if isinstance(a, dict) and (a.get("image_id") in held) == keep_held
             ],
         }
 

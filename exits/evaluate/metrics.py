@@ -48,6 +48,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from exits.data import rle
+from exits.evaluate.checks import gt_rle as gt_rle_of
+from exits.evaluate.checks import gt_with_masks, usable_detections
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +84,15 @@ def load_json(src: JsonLike | Sequence[Mapping[str, Any]]) -> Any:
     if isinstance(src, Mapping | list | tuple):
         return src
     path = os.fspath(src)
-    if "://" in path:
-        from exits import storage  # URI support lives there; local paths need no import
+    try:
+        if "://" in path:
+            from exits import storage  # URI support lives there; local paths need no import
 
-        return json.loads(storage.read_bytes(path))
-    with open(path) as f:
-        return json.load(f)
+            return json.loads(storage.read_bytes(path))
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def coco_from(src: JsonLike) -> COCO:
@@ -112,11 +117,16 @@ def is_lvis(gt: Mapping[str, Any]) -> bool:
 def detections_from(src: JsonLike | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Normalise detections to a COCO results list (copies; ``score`` defaults to 1)."""
     data = load_json(src)
-    anns = data["annotations"] if isinstance(data, Mapping) else data
+    anns = data.get("annotations") if isinstance(data, Mapping) else data
+    if not isinstance(anns, list | tuple):
+        raise ValueError("predictions must be a COCO results list or a dict with 'annotations'")
     results = []
     for ann in anns:
+        if not isinstance(ann, Mapping):
+            raise ValueError(f"a prediction must be a JSON object, got {type(ann).__name__}")
         det = {k: ann[k] for k in ("image_id", "category_id", "segmentation", "bbox") if k in ann}
-        det["score"] = float(ann.get("score", DEFAULT_SCORE))
+        score = ann.get("score", DEFAULT_SCORE)
+        det["score"] = score if isinstance(score, int | float) else math.nan  # checks.py drops it
         results.append(det)
     return results
 
@@ -152,11 +162,22 @@ def mask_ap(
 
     Returns:
         ``{iou_type: {"AP": .., "AP50": .., ..., "ARl": ..}}`` with values in [0, 1]
-        (-1 where COCOeval finds no GT in a size range).
+        (-1 where COCOeval finds no GT in a size range), plus ``"skipped": {iou_type:
+        {reason: count}}`` when predictions had to be left out (:mod:`exits.evaluate.checks`).
     """
-    gt = coco_from(gt_json)
+    data = load_json(gt_json)
     results = detections_from(det_json)
-    return {t: _coco_eval(gt, results, t) for t in iou_types}
+    out: dict[str, Any] = {}
+    for t in iou_types:
+        gt_t, no_mask = gt_with_masks(data) if t == "segm" else (data, 0)
+        gt = coco_from(gt_t)
+        keep, skipped = usable_detections(gt.dataset, results, t)
+        out[t] = _coco_eval(gt, keep, t)
+        if no_mask:
+            skipped["GT annotations without a mask (left out)"] = no_mask
+        if skipped:
+            out.setdefault("skipped", {})[t] = skipped
+    return out
 
 
 def lvis_ap(
@@ -175,7 +196,7 @@ def lvis_ap(
     from exits.compat import lvis_numpy_compat
 
     lvis_numpy_compat()
-    results = detections_from(det_json)
+    all_results = detections_from(det_json)
     with tempfile.TemporaryDirectory(prefix="exits-lvis-") as tmp:
         gt_path = os.path.join(tmp, "gt.json")  # LVIS() reads a file
         with open(gt_path, "w") as f:
@@ -183,6 +204,9 @@ def lvis_ap(
         gt = LVIS(gt_path)
     out = {"evaluator": "lvis"}
     for t in iou_types:
+        results, skipped = usable_detections(gt.dataset, all_results, t)
+        if skipped:
+            out.setdefault("skipped", {})[t] = skipped
         ev = LVISEval(gt, LVISResults(gt, copy.deepcopy(results)), iou_type=t)
         ev.run()
         out[t] = {k: float(v) for k, v in ev.get_results().items()}
@@ -234,24 +258,38 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
         ``{"all": {"miou", "count"}, "separated": {...}, "small": {...}, "medium": {...},
         "large": {...}, "missing": int, "extra": int}``; ``missing`` = GT instances without a
         pseudo label (scored 0), ``extra`` = pseudo annotations whose id is not an evaluated GT
-        instance (ignored). Crowd and empty GT instances are skipped.
+        instance (ignored). Crowd and empty GT instances are skipped, and so are GT instances
+        without a usable mask (box-only, or a mask that does not fit its image), counted in
+        ``no_gt_mask``; a pseudo mask that does not fit its GT image (or names another image)
+        scores 0 and is counted in ``invalid_pseudo``.
     """
-    gt = coco_from(gt_json)
-    pseudo = coco_from(pseudo_json)
+    gt, pseudo = load_json(gt_json), load_json(pseudo_json)
+    images = {i.get("id"): i for i in gt.get("images", []) if isinstance(i, Mapping)}
+    pseudo_anns = {a.get("id"): a for a in pseudo.get("annotations", []) if isinstance(a, Mapping)}
     groups: dict[str, list[float]] = {
         k: [] for k in ("all", "separated", "small", "medium", "large")
     }
-    missing = 0
+    missing = no_gt_mask = invalid_pseudo = 0
     evaluated: set[int] = set()
-    for ann_id, gt_ann in gt.anns.items():
+    for gt_ann in gt.get("annotations", []):
+        if not isinstance(gt_ann, Mapping):
+            continue
+        ann_id = gt_ann.get("id")
         if gt_ann.get("iscrowd", 0):
             continue
-        gt_rle = gt.annToRLE(gt_ann)
+        img = images.get(gt_ann.get("image_id"))
+        gt_rle = gt_rle_of(gt_ann, img)
+        if gt_rle is None:
+            no_gt_mask += 1
+            continue
         if rle.area(gt_rle) == 0:
             continue
         evaluated.add(ann_id)
-        if ann_id in pseudo.anns:
-            iou = rle_iou(pseudo.annToRLE(pseudo.anns[ann_id]), gt_rle)
+        if ann_id in pseudo_anns:
+            same_image = pseudo_anns[ann_id].get("image_id") == gt_ann.get("image_id")
+            pseudo_rle = gt_rle_of(pseudo_anns[ann_id], img) if same_image else None
+            iou = rle_iou(pseudo_rle, gt_rle) if pseudo_rle is not None else 0.0
+            invalid_pseudo += pseudo_rle is None
         else:
             iou, missing = 0.0, missing + 1
         groups["all"].append(iou)
@@ -260,7 +298,8 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
             groups["separated"].append(iou)
     out: dict[str, Any] = {k: _summary(v) for k, v in groups.items()}
     out["missing"] = missing
-    out["extra"] = len(set(pseudo.anns) - evaluated)
+    out["extra"] = len(set(pseudo_anns) - evaluated)
+    out["no_gt_mask"], out["invalid_pseudo"] = no_gt_mask, invalid_pseudo
     return out
 
 
@@ -323,10 +362,12 @@ def markdown_report(metrics: Mapping[str, Any]) -> str:
         lines += [f"## {title}", ""]
         if "evaluator" in block:
             lines += [f"evaluator: {block['evaluator']}", ""]
-        types = [t for t in block if t != "evaluator"]
+        types = [t for t in block if t not in ("evaluator", "skipped")]
         names = list(block[types[0]])
         lines += ["| type | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         lines += [f"| {t} | " + " | ".join(_fmt(block[t][n]) for n in names) + " |" for t in types]
+        if block.get("skipped"):
+            lines += [f"predictions left out: {block['skipped']}"]
         lines.append("")
     if metrics.get("retention"):
         lines += ["## Retention (AP pseudo-trained / AP GT-trained)", "", "| type | retention |"]
@@ -427,7 +468,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics = evaluate(args.gt, args.pred, args.pred_gt_trained, args.pseudo, lvis=args.lvis)
+    try:
+        metrics = evaluate(args.gt, args.pred, args.pred_gt_trained, args.pseudo, lvis=args.lvis)
+    except (ValueError, OSError) as e:  # unreadable / not-JSON / not-COCO input: one line
+        raise SystemExit(f"exits.evaluate: {e}") from None
     json_path, md_path = write_metrics(metrics, args.out)
     print(markdown_report(metrics))
     logger.info("wrote %s and %s", json_path, md_path)

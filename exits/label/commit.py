@@ -122,7 +122,8 @@ def verify_outputs(
         OutputMismatch: on any missing, duplicated or unexpected ann_id, listing examples.
 
     Returns:
-        {"instances", "masks", "errors" (label stage), "prepare_errors"}.
+        {"instances", "masks", "errors" (label stage), "prepare_errors", "empty_masks"}, over
+        every committed shard (this run's and earlier runs').
     """
     table = read_instances(instances)
     masks = read_masks(output)
@@ -146,5 +147,6 @@ def verify_outputs(
         raise OutputMismatch(
             f"{prepare} holds {n_prepare} rows, expected {upstream_errors.num_rows}"
         )
+    empty = int((masks["area"].to_numpy(zero_copy_only=False) == 0).sum())
     return {"instances": len(want), "masks": masks.num_rows, "errors": errors.num_rows,
-            "prepare_errors": n_prepare}  # fmt: skip
+            "prepare_errors": n_prepare, "empty_masks": empty}  # fmt: skip

@@ -18,14 +18,17 @@ import pyarrow as pa
 from exits import storage
 from exits.data import rle
 from exits.data.coco import read_table
+from exits.data.validate import drop_unusable_images, id_or_none
+from exits.label.plan import MASK_SCHEMA
 
 
 def read_mask_rows(masks_uri: str) -> pa.Table:
     """Mask rows from a Parquet file or a directory of shards (``<run>/label/masks``)."""
-    if storage.is_dir(masks_uri):
+    if storage.is_dir(masks_uri) or not storage.exists(masks_uri):
+        # no directory: a run with no instances (nothing to commit) exports an empty json
         files = [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
         if not files:
-            raise FileNotFoundError(f"no Parquet shards under {masks_uri}")
+            return MASK_SCHEMA.empty_table()
         return pa.concat_tables([read_table(f) for f in files])
     return read_table(masks_uri)
 
@@ -62,7 +65,9 @@ def export_coco(
         {"images", "categories", "annotations", "skipped_empty"}.
     """
     source = storage.read_json(source_annotations)
-    known_images = {int(i["id"]) for i in source.get("images", [])}
+    known_images = {
+        id_or_none(i.get("id")) for i in source.get("images", []) if isinstance(i, dict)
+    }
     rows = read_mask_rows(masks_uri).sort_by("ann_id").to_pylist()
     annotations, skipped = [], 0
     for row in rows:
@@ -75,6 +80,7 @@ def export_coco(
             )
         annotations.append(annotation_from_row(row))
     out = {k: source[k] for k in ("info", "licenses") if k in source}
+    drop_unusable_images(source)  # entries that cannot be images (bad id/size/name): not exported
     out.update(
         images=source.get("images", []),
         categories=source.get("categories", []),

@@ -59,9 +59,12 @@ def read_instances(instances: pa.Table | str) -> pa.Table:
         if missing:
             raise ValueError(f"instance table lacks columns {sorted(missing)}")
         table = instances.select(list(INPUT_COLUMNS))
-    ids = table["ann_id"].to_numpy()
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("instance table has duplicate ann_id values")
+    ids, counts = np.unique(table["ann_id"].to_numpy(), return_counts=True)
+    if (counts > 1).any():
+        dup = ids[counts > 1]
+        raise ValueError(
+            f"instance table has {len(dup)} duplicate ann_id values, e.g. {dup[:5].tolist()}"
+        )
     return table
 
 
@@ -99,9 +102,14 @@ def image_rows(table: pa.Table) -> pa.Table:
 
 
 def fingerprint(table: pa.Table, **settings: Any) -> str:
+    """Hash of the input rows' content (every INPUT_COLUMNS value: ids, file names, sizes,
+    boxes, extreme points, categories) and the settings: a changed input is never reused."""
     h = hashlib.sha256()
-    for name in ("ann_id", "image_id"):
-        h.update(np.ascontiguousarray(table[name].to_numpy(), dtype=np.int64).tobytes())
+    content = table.select([c for c in INPUT_COLUMNS if c in table.column_names])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, content.schema) as writer:
+        writer.write_table(content.combine_chunks())
+    h.update(sink.getvalue().to_pybytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 

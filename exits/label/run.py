@@ -3,7 +3,9 @@ Data pipeline over the rest, commits each finished shard and writes the manifest
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -44,6 +46,22 @@ def _validate(crop: CropConfig, cfg: LabelConfig) -> None:
         raise ValueError("LabelConfig.use_gpu needs gpus_per_actor > 0")
     if crop.size % OUTPUT_STRIDE:
         raise ValueError(f"crop size {crop.size} is not a multiple of {OUTPUT_STRIDE}")
+
+
+def local_image_stats(table: pa.Table, images: str) -> str | None:
+    """Digest of (file name, size, mtime) of every image under a local root (one ``stat``
+    each; None on s3, where it would cost a request per image): part of the plan's
+    fingerprint, so an image replaced in place is never silently reused."""
+    if storage.is_s3(images) or "://" in images:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(set(table["file_name"].to_pylist())):
+        try:
+            st = os.stat(os.path.join(images, name))
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a missing file becomes an error row later; its absence is hashed
+            h.update(f"{name}\0-\n".encode())
+    return h.hexdigest()[:16]
 
 
 def label_instances(
@@ -89,6 +107,7 @@ def label_instances(
     fp = fingerprint(
         table, generator=gen_id, images=images, size=crop.size, enlarge=crop.inference_enlarge,
         threshold=cfg.threshold, shard_images=shard_images,
+        image_files=local_image_stats(table, images),
     )  # fmt: skip
     num_shards = int(table["shard"].to_numpy().max()) + 1 if table.num_rows else 0
     stage_dir = manifest.stage_uri(output, STAGE)
@@ -138,8 +157,7 @@ def label_instances(
     seconds = time.time() - t0
     counts = verify_outputs(output, table, upstream_errors)
     summary = {
-        **counts,
-        "empty_masks": committer.counts["empty_masks"],
+        **counts,  # masks, errors, empty_masks: over all shards, also those of earlier runs
         "crops": committer.counts["crops"],
         "shards": num_shards,
         "shards_skipped": len(done & set(range(num_shards))),

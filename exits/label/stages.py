@@ -9,11 +9,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from exits import storage
 from exits.config import CropConfig, LabelConfig
 from exits.data import rle
 from exits.data.crops import crop_and_resize, enlarge_box, instance_box
-from exits.data.images import ImageError, load_image
+from exits.data.images import ImageError, load_image_under
 from exits.inference import mask_from_logits, predict_logits
 from exits.label.plan import RESULT_SCHEMA
 from exits.model.generator import OUTPUT_STRIDE  # generator logits are S/4 x S/4
@@ -45,7 +44,7 @@ def crop_images(
         h, w = int(img["height"]), int(img["width"])
         image_reason = None
         try:
-            pixels = load_image(storage.join(images, img["file_name"]))
+            pixels = load_image_under(images, img["file_name"], expected=(h, w))
             if pixels.shape[:2] != (h, w):
                 image_reason = f"image size {pixels.shape[1]}x{pixels.shape[0]} differs from annotation {w}x{h}"
         except ImageError as e:
@@ -206,6 +205,18 @@ def crop_task_memory(rows: pa.Table, size: int, images_per_block: int) -> int:
     return images_per_block * (per_image + crops)
 
 
+def fit_memory_request(request: int) -> int:
+    """``request`` capped at half the largest live node's memory: a request above every node's
+    capacity never schedules (Ray: "may hang forever"), and declared sizes are only checked
+    against the files inside the task (a wrong declared size is an error row there)."""
+    import ray
+
+    largest = max(
+        (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    return min(request, int(largest // 2)) if largest > 0 else request
+
+
 def build_dataset(
     rows: pa.Table,
     *,
@@ -230,7 +241,7 @@ def build_dataset(
         # A memory request sized from the metadata. It also keeps this CPU stage out of the
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
-        memory=crop_task_memory(rows, crop.size, cfg.images_per_block),
+        memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
     )
     ds = ds.map_batches(
         GeneratorStage,

@@ -40,9 +40,10 @@ def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
 def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
     """Split the train json into training and held-out jsons under <run>/data."""
     from exits.data.split import split_coco
+    from exits.data.validate import read_coco_json
 
     d = cfg.data
-    coco = json.loads(storage.read_bytes(d.annotations))
+    coco = read_coco_json(d.annotations)
     train, held = split_coco(coco, d.holdout_images, d.holdout_salt)
     target = storage.join(run, "data", "annotations")
     out = (
@@ -54,6 +55,24 @@ def _holdout_data(cfg: PipelineConfig, run: str) -> tuple[str, str]:
     log.info(
         "holdout split: %d training / %d held-out images", len(train["images"]), len(held["images"])
     )
+    return out
+
+
+def _val_for_stage2(val_json: str, run: str, images: str | None = None, max_pixels: int | None = None) -> str:  # fmt: skip
+    """The val json, or a copy under <run>/data that stage 2's mmdet loader and COCO metric can
+    take: every annotation carries ``area`` (else stage 2 fails after every stage ran) and image
+    entries prepare rejects (bad id/size, a file name outside the images root) are left out."""
+    from exits.data.validate import drop_unusable_images, fill_missing_areas, read_coco_json
+
+    data = read_coco_json(val_json)
+    dropped = drop_unusable_images(data, max_pixels, images)
+    filled = fill_missing_areas(data)
+    if not (filled or dropped):
+        return val_json
+    out = storage.join(run, "data", "annotations", "val_for_stage2.json")
+    storage.publish_bytes(out, json.dumps(data).encode())
+    log.warning("val json %s: %d annotations without area filled, %d unusable image entries "
+                "left out: %s", val_json, filled, dropped, out)  # fmt: skip
     return out
 
 
@@ -74,14 +93,19 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
         paths = {"annotations": ann, "images": img, "val_annotations": val, "val_images": vimg}
     else:
         raise ValueError(f"dataset {d.name!r} has no data.annotations configured")
-    inst, err = load_instances(paths["annotations"], paths["images"])
+    inst, err = load_instances(paths["annotations"], paths["images"], max_pixels=d.max_image_pixels)
     if d.max_instances > 0 and inst.num_rows > d.max_instances:
         inst = inst.slice(0, d.max_instances)
     write_table(inst, stage_uri(run, "prepare", "instances.parquet"))
     write_table(err, stage_uri(run, "prepare", "errors.parquet"))
     counts = {"instances": inst.num_rows, "errors": err.num_rows}
     if paths["val_annotations"]:
-        vinst, verr = load_instances(paths["val_annotations"], paths["val_images"])
+        paths["val_annotations"] = _val_for_stage2(
+            paths["val_annotations"], run, paths["val_images"], d.max_image_pixels
+        )
+        vinst, verr = load_instances(
+            paths["val_annotations"], paths["val_images"], max_pixels=d.max_image_pixels
+        )
         write_table(vinst, stage_uri(run, "prepare", "val_instances.parquet"))
         counts.update(val_instances=vinst.num_rows, val_errors=verr.num_rows)
     counts["separated"] = int(sum(bool(s) for s in inst["separated"].to_pylist()))

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from exits import manifest, storage
-from exits.config import PipelineConfig
+from exits.config import PipelineConfig, validate_config
 from exits.pipeline.common import STAGES
 from exits.pipeline.eval import run_eval
 from exits.pipeline.label import run_label
@@ -35,7 +35,10 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Each stage's fingerprint chains its upstream's, so a config change redoes what follows."""
     fps: dict[str, str] = {}
     parts = {
-        "prepare": [asdict(cfg.data)],
+        "prepare": [
+            asdict(cfg.data),
+            manifest.content_digest(cfg.data.annotations, cfg.data.val_annotations),
+        ],
         "warmup": [asdict(cfg.crop), asdict(cfg.model), asdict(cfg.loss), asdict(cfg.warmup)],
         "generator": [asdict(cfg.retrieval), asdict(cfg.generator)],
         "label": [asdict(cfg.label)],
@@ -57,6 +60,7 @@ def run_pipeline(
     force: bool = False,
 ) -> dict:
     """Run the selected stages in order; returns {stage: manifest}."""
+    validate_config(cfg)  # also for configs built in code: before anything is written
     selected = list(stages or STAGES)
     unknown = set(selected) - set(STAGES)
     if unknown:

@@ -120,7 +120,7 @@ def _pick_mask_rows(r: Run, n: int) -> dict[int, list[dict]]:
 
 def overlay_section(r: Run, max_overlays: int) -> list[Block]:
     """Pseudo masks (label/masks) next to the GT (prepare instance table), a few images."""
-    from exits.data.images import load_image
+    from exits.data.images import load_image_under
     from exits.data.visualize import draw_instances
 
     title = heading("Pseudo masks vs GT")
@@ -152,7 +152,7 @@ def overlay_section(r: Run, max_overlays: int) -> list[Block]:
             continue
         try:
             h, w = int(rows[0]["height"]), int(rows[0]["width"])
-            image = load_image(storage.join(images, rows[0]["file_name"]))
+            image = load_image_under(images, rows[0]["file_name"])
             if image.shape[:2] != (h, w):
                 raise ValueError(f"decoded size {image.shape[:2]} != table size {(h, w)}")
             pseudo_by_ann = {p["ann_id"]: p for p in pseudo[image_id]}

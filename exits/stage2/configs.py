@@ -115,6 +115,20 @@ def small_pipelines(image_size: int) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
+def ignore_exif_orientation(node: Any) -> None:
+    """Every ``LoadImageFromFile`` decodes the stored pixel grid, as labelling and the report do
+    (``exits.data.images``): mmcv's default ``color`` would apply the EXIF rotation and
+    disagree with the masks' size; ``color_ignore_orientation`` (cv2) does not."""
+    if isinstance(node, dict):
+        if node.get("type") == "LoadImageFromFile":
+            node["color_type"], node["imdecode_backend"] = "color_ignore_orientation", "cv2"
+        for value in node.values():
+            ignore_exif_orientation(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            ignore_exif_orientation(value)
+
+
 def set_num_classes(cfg: Config, spec: Stage2ModelSpec, num_classes: int) -> None:
     """Set every class-count key of the model (and the per-class loss weights)."""
     updates: dict[str, Any] = dict.fromkeys(spec.num_classes_keys, num_classes)
@@ -273,6 +287,8 @@ def build_stage2_config(
     )
     cfg.merge_from_dict(prof.get("overrides") or {})
     cfg.merge_from_dict(overrides)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        ignore_exif_orientation(cfg.get(loader))
     cfg.work_dir = work_dir
     cfg.find_unused_parameters = spec.find_unused_parameters
     if seed is not None:

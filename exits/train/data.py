@@ -16,7 +16,6 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from exits import storage
 from exits.data.crops import (
     INFERENCE_ENLARGE,
     TRAIN_MAX_ENLARGE,
@@ -28,7 +27,7 @@ from exits.data.crops import (
     random_enlarge_box,
     row_box,
 )
-from exits.data.images import load_image
+from exits.data.images import load_image_under
 
 LEFT, RIGHT = 1, 3  # indices in (top, left, bottom, right)
 
@@ -81,7 +80,7 @@ class CropDataset(Dataset):
         if file_name in self._cache:
             self._cache.move_to_end(file_name)
             return self._cache[file_name]
-        img = load_image(storage.join(self.images, file_name))
+        img = load_image_under(self.images, file_name)
         self._cache[file_name] = img
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -149,6 +149,11 @@ def test_configs_set_classes_and_small_profile(pseudo_json, demo_dataset, tmp_pa
     assert full.train_dataloader.dataset.metainfo["classes"] == tuple(
         c["name"] for c in demo_dataset["categories"]
     )
+    # issue 13 item 16: mmdet decodes the stored pixel grid (EXIF ignored), as labelling does
+    for built in (cfg, full):
+        loads = [s for k in ("train_dataloader", "val_dataloader", "test_dataloader")
+                 for s in built[k].dataset.pipeline if s["type"] == "LoadImageFromFile"]  # fmt: skip
+        assert len(loads) == 3 and all(s["color_type"] == "color_ignore_orientation" for s in loads)
 
 
 @pytest.mark.integration
