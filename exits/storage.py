@@ -156,3 +156,13 @@ def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = No
     pafs.copy_files(
         local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
     )
+
+
+def remove(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Delete the file or directory tree at ``uri`` (nothing when absent)."""
+    fs, path = get_filesystem(uri, filesystem)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)

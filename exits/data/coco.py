@@ -35,11 +35,12 @@ from exits.data.extreme_points import (
     extreme_points_from_polygons,
     validate_extreme_points,
 )
-from exits.data.images import ImageError, load_image
+from exits.data.images import ImageError, read_image_size
 
 LVIS_URL_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 SEPARATED_MIN_COMPONENTS = 2
 CONNECTIVITY = 8  # connected components of GT masks, 8-neighbourhood
+RLE_POLY_SCALE = 5  # pycocotools rasterises polygons on a 5x finer grid (rleFrPoly)
 
 INSTANCE_SCHEMA = pa.schema(
     [
@@ -142,24 +143,73 @@ def num_components(mask: np.ndarray) -> int:
 
 
 def _check_image(uri: str) -> ImageCheck:
+    """Header-only check (exists, recognised format, real size); the labeller decodes pixels."""
     try:
-        img = load_image(uri)
+        height, width = read_image_size(uri)
     except ImageError as e:
         return ImageCheck(error=e.reason)
-    return ImageCheck(height=img.shape[0], width=img.shape[1])
+    return ImageCheck(height=height, width=width)
 
 
 def check_images(uris: list[str], num_threads: int = 8) -> list[ImageCheck]:
-    """Decode every image once (in threads) to catch missing/corrupt files and real sizes."""
+    """Check every image's header once (in threads): missing/unreadable files and real sizes."""
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         return list(pool.map(_check_image, uris))
+
+
+def polygon_box_mask(polygons: list, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """Rasterise COCO polygons inside their box instead of the whole image.
+
+    Args:
+        polygons: COCO polygons, flat ``[x0, y0, x1, y1, ...]`` lists (fewer than 3 vertices
+            are dropped, as in :func:`segmentation_to_rle`).
+        height, width: image size.
+
+    Returns:
+        ``(mask, x0, y0)``: mask (bh, bw) uint8 equal to the window ``[y0:y0+bh, x0:x0+bw]`` of
+        ``decode(merge(frPyObjects(polygons, height, width)))``, which is zero outside it.
+
+    pycocotools snaps each vertex to the grid ``(int)(5 v + 0.5)`` and rasterises in integers
+    from there; we snap the same way, shift the grid by whole pixels (exact in integers) and
+    pass the vertices as ``k / 5``, which snap back to exactly ``k``. An axis whose window starts
+    at 0 is passed unchanged, so clamping at the image border is the same as for the full image.
+    """
+    polys = [
+        np.asarray(p[: len(p) // 2 * 2], np.float64).reshape(-1, 2) for p in polygons if len(p) >= 6
+    ]
+    if not polys:
+        raise ValueError("polygon with fewer than 3 vertices")
+    snapped = [np.trunc(RLE_POLY_SCALE * p + 0.5) for p in polys]  # C (int) cast truncates
+    grid = np.concatenate(snapped)
+    if not np.all(np.isfinite(grid)):
+        raise ValueError("polygon coordinates contain NaN or inf")
+    lo = np.maximum(np.floor(grid.min(0) / RLE_POLY_SCALE) - 1, 0)  # (x0, y0) of the window
+    hi = np.minimum(np.floor(grid.max(0) / RLE_POLY_SCALE) + 2, [width, height])
+    (x0, y0), (x1, y1) = lo.astype(np.int64), hi.astype(np.int64)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((0, 0), np.uint8), 0, 0  # the polygon lies outside the image
+    shifted = []
+    for p, k in zip(polys, snapped):
+        q = p.copy()
+        for axis, offset in ((0, x0), (1, y0)):
+            if offset > 0:
+                q[:, axis] = (k[:, axis] - RLE_POLY_SCALE * offset) / RLE_POLY_SCALE
+        shifted.append(q.ravel())
+    rle = mask_utils.merge(mask_utils.frPyObjects(shifted, int(y1 - y0), int(x1 - x0)))
+    return mask_utils.decode(rle), int(x0), int(y0)
 
 
 def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
     """Build one instance row; raises ValueError with a reason for unusable records."""
     h, w = int(img["height"]), int(img["width"])
-    rle = segmentation_to_rle(ann.get("segmentation"), h, w)
-    mask = mask_utils.decode(rle) if rle is not None else None
+    segm = ann.get("segmentation")
+    rle = segmentation_to_rle(segm, h, w)
+    # the GT mask only inside its window (x0, y0): polygons are rasterised in their box
+    mask, x0, y0 = None, 0, 0
+    if rle is not None and isinstance(segm, list):
+        mask, x0, y0 = polygon_box_mask(segm, h, w)
+    elif rle is not None:
+        mask = mask_utils.decode(rle)
     if mask is not None and not mask.any():
         raise ValueError("empty GT mask")
     points, source = None, "none"
@@ -168,12 +218,12 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
         if points.shape != (4, 2):
             raise ValueError(f"extreme_points must be 4 (x, y) pairs, got shape {points.shape}")
         points, source = np.rint(points).astype(np.int32), "json"
-    elif isinstance(ann.get("segmentation"), list) and ann["segmentation"]:
-        points, source = extreme_points_from_polygons(ann["segmentation"]), "polygon"
+    elif isinstance(segm, list) and segm:
+        points, source = extreme_points_from_polygons(segm), "polygon"
         # polygon vertices may sit on the far edge (x == width): clamp into the image
         points = np.minimum(np.maximum(points, 0), [w - 1, h - 1]).astype(np.int32)
     elif mask is not None:
-        points, source = extreme_points_from_mask(mask), "mask"
+        points, source = extreme_points_from_mask(mask) + np.int32([x0, y0]), "mask"
     if points is not None:
         reason = validate_extreme_points(points, h, w)
         if reason:
@@ -211,29 +261,34 @@ def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:
 
 
 def build_instances(
-    data: dict, images: str | None, check_files: bool = True, num_threads: int = 8
-) -> tuple[pa.Table, pa.Table]:
-    """Instance and error tables from a parsed COCO-format dict (see :func:`load_instances`)."""
-    anns = data.get("annotations", [])
-    imgs = {int(i["id"]): i for i in data.get("images", [])}
-    cats = {int(c["id"]) for c in data.get("categories", [])}
-    checks: dict[int, ImageCheck] = {}
-    if check_files and images is not None:
-        used = sorted({a.get("image_id") for a in anns if a.get("image_id") in imgs})
-        results = check_images(
-            [storage.join(images, image_file_name(imgs[i])) for i in used], num_threads
-        )
-        checks = dict(zip(used, results))
-    rows, errors, seen = [], [], set()
-    for ann in anns:
+    anns: list[dict],
+    imgs: dict[int, dict],
+    cats: set[int],
+    checks: dict[int, ImageCheck],
+    duplicate: list[bool],
+) -> tuple[list[dict], list[dict], np.ndarray]:
+    """Instance and error rows of one shard of annotations (run per image shard).
+
+    Args:
+        anns: the shard's annotation dicts, in file order.
+        imgs: image id -> image dict (at least the shard's images).
+        cats: known category ids.
+        checks: image id -> header check (empty: files not checked).
+        duplicate: per annotation, whether an earlier annotation of the file has its id
+            (decided over the whole file by :func:`exits.data.prepare.duplicate_flags`).
+
+    Returns:
+        (instance rows, error rows, bool array: which annotations became instance rows).
+    """
+    rows, errors, is_instance = [], [], np.zeros(len(anns), bool)
+    for k, ann in enumerate(anns):
         ann_id, image_id = ann.get("id"), ann.get("image_id")
         if ann_id is None:
             errors.append(error_row(None, image_id, "prepare", "annotation without id"))
             continue
-        if ann_id in seen:
+        if duplicate[k]:
             errors.append(error_row(ann_id, image_id, "prepare", "duplicate annotation id"))
             continue
-        seen.add(ann_id)
         if image_id not in imgs:
             errors.append(error_row(ann_id, image_id, "prepare", f"unknown image id {image_id}"))
             continue
@@ -267,29 +322,31 @@ def build_instances(
             continue
         try:
             rows.append(_instance_from_annotation(ann, img, image_file_name(img)))
+            is_instance[k] = True
         except (ValueError, KeyError, TypeError) as e:
             errors.append(error_row(ann_id, image_id, "prepare", str(e)))
-    instances = pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA)
-    return instances, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
+    return rows, errors, is_instance
 
 
 def load_instances(
     annotations: str, images: str, check_files: bool = True, num_threads: int = 8
 ) -> tuple[pa.Table, pa.Table]:
-    """Load a COCO-format json (local or s3) into (instances, errors) Arrow tables.
+    """Load a COCO-format json (local or s3) into (instances, errors) Arrow tables, in file order.
+
+    In-process and in memory (tests, benches, small sets); the pipeline's ``prepare`` writes a
+    sharded dataset with Ray instead (:func:`exits.data.prepare.prepare_instances`).
 
     Args:
         annotations: URI of the COCO / LVIS v1 / VOC-as-COCO json.
         images: URI prefix that the images' ``file_name`` (LVIS: ``coco_url`` path) is relative to.
-        check_files: decode every referenced image once to catch missing/corrupt files and size
-            mismatches (grayscale/RGBA/16-bit are normalised at decode time, not errors).
-        num_threads: decoding threads.
+        check_files: read every referenced image's header once to catch missing/unreadable
+            files and size mismatches (grayscale/RGBA/16-bit are normalised at decode time).
+        num_threads: image-check threads.
     """
-    try:
-        data = storage.read_json(annotations)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read annotations {annotations}: {e}") from e
-    return build_instances(data, images, check_files=check_files, num_threads=num_threads)
+    from exits.data.prepare import load_columns, prepare_in_process
+
+    columns = load_columns(annotations)
+    return prepare_in_process(columns, images if check_files else None, num_threads=num_threads)
 
 
 def write_table(table: pa.Table, uri: str) -> None:
@@ -299,9 +356,10 @@ def write_table(table: pa.Table, uri: str) -> None:
     storage.publish_bytes(uri, sink.getvalue().to_pybytes())
 
 
-def read_table(uri: str) -> pa.Table:
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, or a directory of Parquet parts (a sharded table) read as one table."""
     fs, path = storage.get_filesystem(uri)
-    return pq.read_table(path, filesystem=fs)
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def instance_mask(row: dict) -> np.ndarray | None:

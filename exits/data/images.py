@@ -53,3 +53,25 @@ def load_image(uri: str) -> np.ndarray:
             raise ImageError(f"missing image file: {uri}") from e
         raise ImageError(f"cannot read image {uri}: {e}") from e
     return decode_image(data)
+
+
+def read_image_size(uri: str) -> tuple[int, int]:
+    """(height, width) from the image header only (no pixel decode); raises :class:`ImageError`.
+
+    Catches missing, unreadable and unrecognised files cheaply; pixel data errors (a truncated
+    JPEG body) surface when the labeller decodes the image.
+    """
+    try:
+        fs, path = storage.get_filesystem(uri)
+        with fs.open_input_file(path) as f, Image.open(f) as im:
+            width, height = im.size
+    except FileNotFoundError as e:
+        raise ImageError(f"missing image file: {uri}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError("corrupt image: not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        text = str(e).lower()
+        if "not found" in text or "does not exist" in text or "no such file" in text:
+            raise ImageError(f"missing image file: {uri}") from e
+        raise ImageError(f"corrupt image: {e}") from e
+    return int(height), int(width)
