@@ -1,7 +1,8 @@
 """COCO json export of pseudo masks (stage 1c output -> stage 2 input, or any COCO tool).
 
 ``export_coco`` keeps the source dataset's ``images``, ``categories`` (and ``info`` /
-``licenses`` when present) and writes one annotation per mask row::
+``licenses`` when present) and writes one annotation per mask row, streaming (memory independent
+of the number of masks; the Parquet mask shards stay the primary output)::
 
     {"id": ann_id, "image_id", "category_id", "segmentation": {"size": [h, w], "counts": str},
      "area": mask area, "bbox": [x, y, w, h] of the mask, "score", "iscrowd": 0,
@@ -13,21 +14,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
+import numpy as np
+import pyarrow.compute as pc
 from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.data.coco import read_table
+from exits.data.jsonstream import iter_members
 
-
-def read_mask_rows(masks_uri: str) -> pa.Table:
-    """Mask rows from a Parquet file or a directory of shards (``<run>/label/masks``)."""
-    if storage.is_dir(masks_uri):
-        files = [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
-        if not files:
-            raise FileNotFoundError(f"no Parquet shards under {masks_uri}")
-        return pa.concat_tables([read_table(f) for f in files])
-    return read_table(masks_uri)
+EXPORT_BATCH = 4096  # mask rows turned into json text at a time
 
 
 def annotation_from_row(row: dict) -> dict[str, Any]:
@@ -48,10 +43,23 @@ def annotation_from_row(row: dict) -> dict[str, Any]:
     }
 
 
+def _mask_files(masks_uri: str) -> list[str]:
+    if storage.is_dir(masks_uri):
+        files = [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
+        if not files:
+            raise FileNotFoundError(f"no Parquet shards under {masks_uri}")
+        return files
+    return [masks_uri]
+
+
 def export_coco(
     masks_uri: str, source_annotations: str, out_uri: str, *, skip_empty: bool = True
 ) -> dict[str, int]:
-    """Write a COCO json of the pseudo masks at ``out_uri`` (published atomically).
+    """Write a COCO json of the pseudo masks at ``out_uri``, streaming (published atomically).
+
+    Memory does not grow with the number of masks: the source json is streamed for its images
+    and categories (its annotations are skipped), then the annotations are written shard by
+    shard (shards in name order, each sorted by ann_id).
 
     Args:
         masks_uri: mask Parquet file or shard directory (``<run>/label/masks``).
@@ -62,29 +70,42 @@ def export_coco(
     Returns:
         {"images", "categories", "annotations", "skipped_empty"}.
     """
-    source = storage.read_json(source_annotations)
-    known_images = {int(i["id"]) for i in source.get("images", [])}
-    rows = read_mask_rows(masks_uri).sort_by("ann_id").to_pylist()
-    annotations, skipped = [], 0
-    for row in rows:
-        if skip_empty and not row["area"]:
-            skipped += 1
-            continue
-        if int(row["image_id"]) not in known_images:
-            raise ValueError(
-                f"mask row {row['ann_id']} refers to image {row['image_id']} absent from {source_annotations}"
-            )
-        annotations.append(annotation_from_row(row))
-    out = {k: source[k] for k in ("info", "licenses") if k in source}
-    out.update(
-        images=source.get("images", []),
-        categories=source.get("categories", []),
-        annotations=annotations,
-    )
-    storage.publish_bytes(out_uri, json.dumps(out).encode("utf-8"))
-    return {
-        "images": len(out["images"]),
-        "categories": len(out["categories"]),
-        "annotations": len(annotations),
-        "skipped_empty": skipped,
-    }
+    files = _mask_files(masks_uri)
+    meta: dict[str, Any] = {}
+    image_ids: list[int] = []
+    counts = {"images": 0, "categories": 0, "annotations": 0, "skipped_empty": 0}
+    with storage.publish_stream(out_uri) as out:
+        out.write(b'{"images": [')
+        for key, value in iter_members(source_annotations, arrays=("images", "annotations")):
+            if key == "images":
+                out.write(b", " * bool(counts["images"]) + json.dumps(value).encode())
+                image_ids.append(int(value["id"]))
+                counts["images"] += 1
+            elif key in ("info", "licenses", "categories"):
+                meta[key] = value
+        meta.setdefault("categories", [])
+        counts["categories"] = len(meta["categories"])
+        out.write(b"], ")
+        for key, value in meta.items():
+            out.write(json.dumps(key).encode() + b": " + json.dumps(value).encode() + b", ")
+        out.write(b'"annotations": [')
+        known = np.unique(np.asarray(image_ids, dtype=np.int64))
+        for uri in files:
+            table = read_table(uri).sort_by("ann_id")
+            if skip_empty:
+                empty = pc.equal(table["area"], 0).fill_null(True)
+                counts["skipped_empty"] += int(pc.sum(empty).as_py() or 0)
+                table = table.filter(pc.invert(empty))
+            unknown = ~np.isin(table["image_id"].to_numpy(), known)
+            if unknown.any():
+                row = table.slice(int(np.argmax(unknown)), 1).to_pylist()[0]
+                raise ValueError(
+                    f"mask row {row['ann_id']} refers to image {row['image_id']} absent from {source_annotations}"
+                )
+            for batch in table.to_batches(EXPORT_BATCH):
+                text = ", ".join(json.dumps(annotation_from_row(r)) for r in batch.to_pylist())
+                if text:
+                    out.write(b", " * bool(counts["annotations"]) + text.encode())
+                    counts["annotations"] += batch.num_rows
+        out.write(b"]}")
+    return counts
