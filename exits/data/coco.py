@@ -16,6 +16,7 @@ Errors table columns: ann_id int64, image_id int64, stage string, reason string.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,9 @@ def rle_to_json(rle: dict) -> str:
 
 
 def num_components(mask: np.ndarray) -> int:
-    n, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=CONNECTIVITY)
+    n, _ = cv2.connectedComponentsWithAlgorithm(
+        mask.astype(np.uint8, copy=False), CONNECTIVITY, cv2.CV_32S, cv2.CCL_WU
+    )
     return n - 1
 
 
@@ -174,29 +177,25 @@ def polygon_box_mask(polygons: list, height: int, width: int) -> tuple[np.ndarra
     pass the vertices as ``k / 5``, which snap back to exactly ``k``. An axis whose window starts
     at 0 is passed unchanged, so clamping at the image border is the same as for the full image.
     """
-    polys = [
-        np.asarray(p[: len(p) // 2 * 2], np.float64).reshape(-1, 2) for p in polygons if len(p) >= 6
-    ]
+    polys = [p[: len(p) // 2 * 2] for p in polygons if len(p) >= 6]
     if not polys:
         raise ValueError("polygon with fewer than 3 vertices")
-    snapped = [np.trunc(RLE_POLY_SCALE * p + 0.5) for p in polys]  # C (int) cast truncates
-    grid = np.concatenate(snapped)
-    if not np.all(np.isfinite(grid)):
+    xy = np.fromiter(itertools.chain.from_iterable(polys), np.float64).reshape(-1, 2)
+    grid = np.trunc(RLE_POLY_SCALE * xy + 0.5)  # C's (int) cast truncates
+    if not np.isfinite(grid).all():
         raise ValueError("polygon coordinates contain NaN or inf")
     lo = np.maximum(np.floor(grid.min(0) / RLE_POLY_SCALE) - 1, 0)  # (x0, y0) of the window
     hi = np.minimum(np.floor(grid.max(0) / RLE_POLY_SCALE) + 2, [width, height])
-    (x0, y0), (x1, y1) = lo.astype(np.int64), hi.astype(np.int64)
+    (x0, y0), (x1, y1) = lo.astype(np.int64).tolist(), hi.astype(np.int64).tolist()
     if x1 <= x0 or y1 <= y0:
         return np.zeros((0, 0), np.uint8), 0, 0  # the polygon lies outside the image
-    shifted = []
-    for p, k in zip(polys, snapped):
-        q = p.copy()
-        for axis, offset in ((0, x0), (1, y0)):
-            if offset > 0:
-                q[:, axis] = (k[:, axis] - RLE_POLY_SCALE * offset) / RLE_POLY_SCALE
-        shifted.append(q.ravel())
-    rle = mask_utils.merge(mask_utils.frPyObjects(shifted, int(y1 - y0), int(x1 - x0)))
-    return mask_utils.decode(rle), int(x0), int(y0)
+    for axis, offset in ((0, x0), (1, y0)):
+        if offset > 0:
+            xy[:, axis] = (grid[:, axis] - RLE_POLY_SCALE * offset) / RLE_POLY_SCALE
+    flat, ends = xy.ravel(), np.cumsum([0] + [len(p) for p in polys]).tolist()
+    parts = [flat[a:b] for a, b in zip(ends[:-1], ends[1:])]
+    rle = mask_utils.merge(mask_utils.frPyObjects(parts, y1 - y0, x1 - x0))
+    return mask_utils.decode(rle), x0, y0
 
 
 def _instance_from_annotation(ann: dict, img: dict, file_name: str) -> dict:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -279,6 +280,7 @@ def _prepare_shard_task(
     num_threads: int,
 ) -> pa.Table:
     """Ray Data task over shard numbers: input part -> instance part + error part, stats row."""
+    cv2.setNumThreads(1)  # one task per CPU already: no nested OpenCV threads
     stats = []
     for shard in batch["shard"].to_pylist():
         started = time.time()
