@@ -43,7 +43,7 @@ from exits.data.coco import (
 from exits.data.jsonstream import iter_members
 
 PART_FORMAT = "part-{:05d}.parquet"
-BATCH_ROWS = 65536  # annotations converted to Arrow at a time while parsing
+BATCH_ROWS = 16384  # annotations converted to Arrow at a time while parsing
 ANNOTATION_SCHEMA = pa.schema(
     [
         ("id", pa.int64()),  # the id when integral (null otherwise: see raw)
@@ -283,7 +283,7 @@ def _prepare_shard_task(
     cv2.setNumThreads(1)  # one task per CPU already: no nested OpenCV threads
     stats = []
     for shard in batch["shard"].to_pylist():
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         part = read_table(storage.join(work, PART_FORMAT.format(shard)))
         dup = part["duplicate"].to_numpy(zero_copy_only=False)
         inst, err = prepare_shard(part.drop_columns(["duplicate"]), dup, images, categories,
@@ -293,6 +293,7 @@ def _prepare_shard_task(
         stats.append({"shard": shard, "instances": inst.num_rows, "errors": err.num_rows,
                       "separated": int(pc.sum(inst["separated"]).as_py() or 0),
                       "seconds": time.time() - started,
+                      "cpu_s": time.process_time() - cpu_started,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})  # fmt: skip
     return pa.Table.from_pylist(stats)
 
@@ -338,26 +339,25 @@ def prepare_instances(
 
     Returns:
         {"instances", "errors", "separated", "annotations", "shards", "parse_s", "shards_s",
-         "worker_peak_rss_bytes"}.
+         "parse_cpu_s" (driver), "shards_cpu_s" (all shard tasks), "worker_peak_rss_bytes"}.
     """
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     columns = load_columns(annotations)
     ann = columns.annotations
     n_annotations = ann.num_rows
     shards = plan_shards(ann, shard_images)
     ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann)))
     order = np.argsort(shards, kind="stable")
-    ann, shards = ann.take(pa.array(order)), shards[order]
     num_shards = int(shards.max()) + 1 if len(shards) else 0
-    starts = np.searchsorted(shards, np.arange(num_shards + 1))
+    starts = np.searchsorted(shards[order], np.arange(num_shards + 1))
     work = table_uri.rstrip("/") + ".work"
     storage.remove(table_uri)
     storage.remove(work)
-    for s in range(num_shards):
-        write_table(ann.slice(starts[s], starts[s + 1] - starts[s]),
-                    storage.join(work, PART_FORMAT.format(s)))  # fmt: skip
+    for s in range(num_shards):  # one shard at a time: no sorted copy of the whole table
+        rows = pa.array(order[starts[s] : starts[s + 1]])
+        write_table(ann.take(rows), storage.join(work, PART_FORMAT.format(s)))
     del ann, order, shards
-    parse_s = time.time() - started
+    parse_s, parse_cpu_s = time.time() - started, time.process_time() - cpu_started
     kwargs = {"work": work, "table_uri": table_uri, "images": columns.images,
               "categories": columns.categories,
               "image_root": image_root if check_files else None, "num_threads": num_threads}  # fmt: skip
@@ -394,4 +394,6 @@ def prepare_instances(
     return {"instances": n_inst, "errors": errors.num_rows, "separated": separated,
             "annotations": n_annotations, "shards": num_shards, "parse_s": round(parse_s, 3),
             "shards_s": round(time.time() - started - parse_s, 3),
+            "parse_cpu_s": round(parse_cpu_s, 3),
+            "shards_cpu_s": round(sum(r["cpu_s"] for r in stats), 3),
             "worker_peak_rss_bytes": max((r["peak_rss_bytes"] for r in stats), default=0)}  # fmt: skip
