@@ -1,7 +1,10 @@
 """COCO-format annotations (COCO, LVIS v1, VOC converted to COCO json) -> instance table.
 
-Public entry point: :func:`load_instances`. Every input annotation ends up exactly once in the
-instance table or in the errors table: ``len(instances) + len(errors) == len(annotations)``.
+Per-annotation and per-shard logic: :func:`build_instances` (the checks, run per image shard) and
+:func:`_instance_from_annotation` (one row; polygons rasterised in their box only). The pipeline
+runs it as Ray Data tasks via :mod:`exits.data.prepare`; :func:`load_instances` is the in-memory
+entry point for small sets. Every input annotation ends up exactly once in the instance table or
+in the errors table: ``len(instances) + len(errors) == len(annotations)``.
 
 Instance table columns (Arrow/Parquet):
   image_id int64, ann_id int64, category_id int64, file_name string, height int32, width int32,
@@ -381,16 +384,13 @@ def instance_mask(row: dict) -> np.ndarray | None:
 if __name__ == "__main__":  # pragma: no cover - tiny CLI for inspection
     import argparse
 
-    p = argparse.ArgumentParser(description="COCO json -> instance table (Parquet)")
+    from exits.data.prepare import prepare_instances
+
+    p = argparse.ArgumentParser(description="COCO json -> instance table (Parquet parts)")
     p.add_argument("annotations")
     p.add_argument("images")
     p.add_argument("--out", required=True, help="output directory (local or s3)")
     a = p.parse_args()
-    inst, err = load_instances(a.annotations, a.images)
-    write_table(inst, storage.join(a.out, "instances.parquet"))
-    write_table(err, storage.join(a.out, "errors.parquet"))
-    print(
-        json.dumps(
-            {"instances": inst.num_rows, "errors": err.num_rows, "out": os.path.abspath(a.out)}
-        )
-    )
+    counts = prepare_instances(a.annotations, a.images, storage.join(a.out, "instances.parquet"),
+                               storage.join(a.out, "errors.parquet"))  # fmt: skip
+    print(json.dumps({**counts, "out": os.path.abspath(a.out)}))
