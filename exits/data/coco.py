@@ -204,7 +204,8 @@ def polygon_box_mask(
             xy[:, axis] = (grid[:, axis] - RLE_POLY_SCALE * offset) / RLE_POLY_SCALE
     flat, ends = xy.ravel(), np.cumsum([0] + [len(p) for p in polys]).tolist()
     parts = [flat[a:b] for a, b in zip(ends[:-1], ends[1:])]
-    mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, y1 - y0, x1 - x0)))
+    rles = mask_utils.frPyObjects(parts, y1 - y0, x1 - x0)
+    mask = mask_utils.decode(rles[0] if len(rles) == 1 else mask_utils.merge(rles))
     if rle is not None and int(mask.sum()) != int(mask_utils.area(rle)):
         return mask_utils.decode(rle), 0, 0
     return mask, x0, y0
