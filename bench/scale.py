@@ -19,6 +19,8 @@ Phases, each in its own process so that each peak RSS is its own:
             fingerprint, the per-shard expected ids);
   masks     fake mask rows (the GT RLE as the pseudo mask: realistic RLE size), label shards;
   export    ``exits.label.export.export_coco`` (streaming).
+``--driver-only``: generate, then only the driver's side of prepare (parse, plan, per-shard
+rows): its peak RSS at full size when the shard tasks would take too long on a loaded box.
 
 Prints one JSON object as the last line of stdout.
 """
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-images", type=int, default=500)
     p.add_argument("--workdir", default="", help="default: a temp dir, removed afterwards")
     p.add_argument("--no-ray", action="store_true", help="prepare shards in-process")
+    p.add_argument("--driver-only", action="store_true",
+                   help="generate, then only the driver side of prepare (full-size memory)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phase", default="all", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -142,6 +146,27 @@ def prepare(args: argparse.Namespace, work: str) -> dict:
             "worker_peak_rss_gb": round(c["worker_peak_rss_bytes"] / GB, 3)}  # fmt: skip
 
 
+def driver(args: argparse.Namespace, work: str) -> dict:
+    """Only the driver's side of prepare (parse, duplicates, shard plan, one shard's rows at a
+    time): its peak RSS at full size, without the hour the shard tasks take on a loaded box."""
+    import pyarrow as pa
+
+    from exits.data.prepare import duplicate_flags, load_columns, plan_shards
+
+    imported = round(peak_rss_gb(), 3)
+    t0 = time.time()
+    ann = load_columns(os.path.join(work, "lvis_synthetic.json")).annotations
+    parse_s = time.time() - t0
+    shards = plan_shards(ann, args.shard_images)
+    ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann)))
+    order = np.argsort(shards, kind="stable")
+    starts = np.searchsorted(shards[order], np.arange(int(shards.max()) + 2))
+    rows = sum(ann.take(pa.array(order[a:b])).num_rows for a, b in zip(starts[:-1], starts[1:]))
+    return {"instances": rows, "driver_only_s": round(time.time() - t0, 1),
+            "parse_s": round(parse_s, 1), "annotation_table_gb": round(ann.nbytes / GB, 3),
+            "driver_import_rss_gb": imported, "driver_peak_rss_gb": round(peak_rss_gb(), 3)}  # fmt: skip
+
+
 def plan(args: argparse.Namespace, work: str) -> dict:
     from exits.label.plan import (
         assign_shards,
@@ -201,6 +226,7 @@ def export(args: argparse.Namespace, work: str) -> dict:
 
 
 PHASES = {"generate": generate, "prepare": prepare, "plan": plan, "masks": masks, "export": export}
+EXTRA_PHASES = {"driver": driver}
 
 
 def run_phase(name: str, argv: list[str], work: str) -> dict:
@@ -216,7 +242,7 @@ def run_phase(name: str, argv: list[str], work: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.phase != "all":
-        result = PHASES[args.phase](args, args.workdir)
+        result = {**PHASES, **EXTRA_PHASES}[args.phase](args, args.workdir)
         print(json.dumps(result))
         return result
     child = ["--instances", str(args.instances), "--images", str(args.images),
@@ -224,12 +250,15 @@ def main(argv: list[str] | None = None) -> dict:
     child += ["--no-ray"] if args.no_ray else []
     with tempfile.TemporaryDirectory(dir=args.workdir or None) as work:
         result: dict = {"load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
-        for name in PHASES:
+        for name in ("generate", "driver") if args.driver_only else PHASES:
             started = time.time()
             result.update(run_phase(name, child, work))
             if name == "generate":
                 result["generate_s"] = round(time.time() - started, 1)
         result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    if args.driver_only:
+        print(json.dumps(result))
+        return result
     keys = ("instances", "prepare_s", "prepare_instances_per_s", "driver_peak_rss_gb",
             "worker_peak_rss_gb", "export_s", "export_peak_rss_gb")  # fmt: skip
     ordered = {k: result[k] for k in keys} | {k: v for k, v in result.items() if k not in keys}
