@@ -158,7 +158,7 @@ def driver(args: argparse.Namespace, work: str) -> dict:
     ann = load_columns(os.path.join(work, "lvis_synthetic.json")).annotations
     parse_s = time.time() - t0
     shards = plan_shards(ann, args.shard_images)
-    ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann)))
+    ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann))).combine_chunks()
     order = np.argsort(shards, kind="stable")
     starts = np.searchsorted(shards[order], np.arange(int(shards.max()) + 2))
     rows = sum(ann.take(pa.array(order[a:b])).num_rows for a, b in zip(starts[:-1], starts[1:]))

@@ -346,7 +346,8 @@ def prepare_instances(
     ann = columns.annotations
     n_annotations = ann.num_rows
     shards = plan_shards(ann, shard_images)
-    ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann)))
+    # one contiguous copy: a take from many chunks of nested lists copies them all each time
+    ann = ann.append_column("duplicate", pa.array(duplicate_flags(ann))).combine_chunks()
     order = np.argsort(shards, kind="stable")
     num_shards = int(shards.max()) + 1 if len(shards) else 0
     starts = np.searchsorted(shards[order], np.arange(num_shards + 1))
