@@ -32,7 +32,8 @@ class DataConfig:
     synthetic_images: int = 96
     synthetic_image_size: int = 128
     synthetic_seed: int = 0
-    max_instances: int = 0  # >0: keep only the first N instances (quick runs)
+    max_instances: int = 0  # >0: keep only the first N instances (parts in order; quick runs)
+    prepare_shard_images: int = 500  # images per prepare shard (one Ray Data task each)
     # >0 and no val_annotations: hold out this many images of the train json for evaluation
     # (deterministic by image id, exits.data.split); the rest is the training set
     holdout_images: int = 0

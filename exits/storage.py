@@ -11,17 +11,22 @@ with :func:`configure_s3`. Credentials come from the usual AWS environment / ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 ENDPOINT_ENV = "EXITS_S3_ENDPOINT"
 REGION_ENV = "EXITS_S3_REGION"
+COPY_CHUNK = 8 << 20  # bytes per read when uploading a streamed file
 
 _s3_options: dict[str, Any] = {}
 
@@ -156,3 +161,40 @@ def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = No
     pafs.copy_files(
         local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
     )
+
+
+def remove(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Delete the file or directory tree at ``uri`` (nothing when absent)."""
+    fs, path = get_filesystem(uri, filesystem)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+@contextlib.contextmanager
+def publish_stream(uri: str, filesystem: pafs.FileSystem | None = None) -> Iterator[BinaryIO]:
+    """Write ``uri`` as a stream, published atomically when the block ends without error.
+
+    The data goes to a local temp file (beside the target when local) that is renamed over the
+    target, or uploaded in chunks for S3; memory stays at one buffer whatever the size.
+    """
+    fs, path = get_filesystem(uri, filesystem)
+    local = not is_s3(uri) and isinstance(fs, pafs.LocalFileSystem)
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else tempfile.mkstemp()[1]
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+        else:
+            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

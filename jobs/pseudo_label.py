@@ -14,7 +14,8 @@ Usage::
 
 The annotations may carry ``extreme_points`` per annotation (or GT masks/polygons they are
 derived from); annotations with boxes only are cropped from their box and flagged
-``supervision="box"``. Outputs under ``<output>/label/``: ``masks/`` and ``errors/`` Parquet
+``supervision="box"``. The instance table goes to ``<output>/prepare/`` (Parquet parts, written by
+Ray Data tasks). Outputs under ``<output>/label/``: ``masks/`` and ``errors/`` Parquet
 shards, ``manifest.json`` and the COCO json ``pseudo_coco.json`` (the pipeline's name). Re-running the same command
 resumes: finished shards are kept, the rest is labelled. Prints a summary line and, last, a
 JSON summary.
@@ -31,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exits import manifest, storage  # noqa: E402
 from exits.config import PipelineConfig, load_config, validate_config  # noqa: E402
-from exits.data.coco import load_instances  # noqa: E402
+from exits.data.coco import read_table  # noqa: E402
+from exits.data.prepare import prepare_instances  # noqa: E402
 from exits.label import (  # noqa: E402
     PSEUDO_JSON,
     STAGE,
@@ -86,17 +88,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     cfg = build_config(args)
-    # prepare: parse the json; images are decoded once, in the label stage (check_files=False)
-    instances, prepare_errors = load_instances(
-        args.annotations, args.images, check_files=False, max_pixels=cfg.data.max_image_pixels
-    )
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
     try:
+        # prepare as Ray Data tasks over image shards; images are decoded once, in the label
+        # stage (check_files=False); the instance table is a directory of Parquet parts
+        instances = manifest.stage_uri(args.output, "prepare", "instances.parquet")
+        errors = manifest.stage_uri(args.output, "prepare", "errors.parquet")
+        prepare_instances(args.annotations, args.images, instances, errors, check_files=False,
+                          shard_images=cfg.data.prepare_shard_images,
+                          max_pixels=cfg.data.max_image_pixels)  # fmt: skip
         summary = label_instances(
             instances, args.images, args.checkpoint, args.output, cfg.crop, cfg.label,
-            upstream_errors=prepare_errors,
+            upstream_errors=read_table(errors),
         )  # fmt: skip
     finally:
         if started_ray:

@@ -21,6 +21,7 @@ import io
 import os
 import posixpath
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -71,12 +72,13 @@ def image_uri(root: str, file_name: str) -> str:
     return uri
 
 
-def image_header_size(data: bytes) -> tuple[int, int, int]:
-    """(height, width, EXIF orientation) from the header, without decoding pixels."""
+def image_header_size(data: bytes | BinaryIO) -> tuple[int, int, int]:
+    """(height, width, EXIF orientation) from the header (bytes or an open binary file),
+    without decoding pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 w, h = im.size
                 try:
                     orientation = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
@@ -176,3 +178,31 @@ def load_image_under(
 ) -> np.ndarray:
     """:func:`load_image` of ``file_name`` resolved inside the images root (:func:`image_uri`)."""
     return load_image(image_uri(root, file_name), expected, max_pixels, name=repr(file_name))
+
+
+def read_image_size(
+    uri: str,
+    expected: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+    name: str | None = None,
+) -> tuple[int, int]:
+    """(height, width) from the image header only (no pixel decode); raises :class:`ImageError`.
+
+    Catches missing, unreadable, unrecognised, oversized (``max_pixels``) and wrongly sized
+    (``expected`` (H, W)) files cheaply; pixel data errors (a truncated JPEG body) surface when
+    the labeller decodes the image. A missing file's reason names ``name`` (default the URI).
+    """
+    name = uri if name is None else name
+    try:
+        fs, path = storage.get_filesystem(uri)
+        with fs.open_input_file(path) as f:
+            header = image_header_size(f)
+    except FileNotFoundError as e:
+        raise ImageError(f"{NOT_FOUND}: {name}") from e
+    except OSError as e:
+        text = str(e).lower()
+        if "not found" in text or "does not exist" in text or "is a directory" in text:
+            raise ImageError(f"{NOT_FOUND}: {name}") from e
+        raise ImageError(f"cannot read image {name}: {type(e).__name__}") from e
+    check_size(header, expected, max_pixels)
+    return header[0], header[1]

@@ -48,17 +48,17 @@ def read_coco_json(uri: str) -> dict:
 def check_structure(data: Any, source: str = "annotations") -> dict:
     """The top-level dict with ``images``/``annotations``/``categories`` lists (see above)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: the top level must be a JSON object, got {_kind(data)}")
+        raise ValueError(f"{source}: the top level must be a JSON object, got {kind(data)}")
     out = dict(data)
     for key in LISTS:
         value = out.get(key, [])
         if not isinstance(value, list):
-            raise ValueError(f"{source}: {key!r} must be a list, got {_kind(value)}")
+            raise ValueError(f"{source}: {key!r} must be a list, got {kind(value)}")
         out[key] = value
     return out
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -243,7 +243,7 @@ def check_rle(segm: dict, height: int, width: int) -> None:
         if any(v < 0 for v in counts):
             raise ValueError("RLE counts string decodes to a negative run")
     else:
-        raise ValueError(f"RLE counts must be a list or a string, got {_kind(counts)}")
+        raise ValueError(f"RLE counts must be a list or a string, got {kind(counts)}")
     if sum(counts) != height * width:
         raise ValueError(f"RLE counts cover {sum(counts)} pixels, not {height}x{width}")
 

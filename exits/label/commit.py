@@ -40,10 +40,10 @@ class ShardCommitter:
 
     Args:
         output: run directory URI.
-        expected: shard -> the ann_ids it must hold.
+        expected: shard -> the sorted ann_ids it must hold (``exits.label.plan.expected_ids``).
     """
 
-    def __init__(self, output: str, expected: dict[int, set[int]]) -> None:
+    def __init__(self, output: str, expected: dict[int, np.ndarray]) -> None:
         self.output = output
         self.expected = expected
         self.buffers: dict[int, dict[int, dict]] = {}
@@ -51,20 +51,25 @@ class ShardCommitter:
         self.counts = {"masks": 0, "errors": 0, "empty_masks": 0, "crops": 0}
 
     def add(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            shard, ann_id = row.pop("shard"), row["ann_id"]
-            if ann_id not in self.expected.get(shard, ()):
+        shards, ids = table["shard"].to_numpy(), table["ann_id"].to_numpy()
+        for shard in np.unique(shards).tolist():
+            mine = shards == shard
+            want = self.expected.get(shard, np.empty(0, np.int64))
+            stray = ids[mine][~np.isin(ids[mine], want)]
+            if len(stray):
                 raise OutputMismatch(
-                    f"pipeline returned ann_id {ann_id} not planned for shard {shard}"
+                    f"pipeline returned ann_id {stray[0]} not planned for shard {shard}"
                 )
-            # keyed by ann_id: a retried task overwrites its rows, never duplicates them
-            self.buffers.setdefault(shard, {})[ann_id] = row
-            if len(self.buffers[shard]) == len(self.expected[shard]):
+            buffer = self.buffers.setdefault(shard, {})
+            for row in table.filter(pa.array(mine)).drop_columns(["shard"]).to_pylist():
+                # keyed by ann_id: a retried task overwrites its rows, never duplicates them
+                buffer[row["ann_id"]] = row
+            if len(buffer) == len(want):
                 self._commit(shard)
 
     def _commit(self, shard: int) -> None:
         buffered = self.buffers.pop(shard)
-        rows = [buffered[a] for a in sorted(self.expected[shard])]
+        rows = [buffered[a] for a in self.expected[shard].tolist()]
         errors = [
             error_row(r["ann_id"], r["image_id"], STAGE, r["reason"]) for r in rows if r["reason"]
         ]
@@ -86,31 +91,38 @@ class ShardCommitter:
         missing = sorted(set(self.expected) - set(self.committed))
         if missing:
             lost = {
-                s: sorted(self.expected[s] - set(self.buffers.get(s, {})))[:5] for s in missing[:5]
+                s: np.setdiff1d(self.expected[s], list(self.buffers.get(s, {})))[:5].tolist()
+                for s in missing[:5]
             }
             raise OutputMismatch(
                 f"{len(missing)} shards incomplete after the pipeline ended; e.g. missing {lost}"
             )
 
 
-def _read_dir(uri: str, schema: pa.Schema, skip: tuple[str, ...] = ()) -> pa.Table:
+def _read_dir(
+    uri: str, schema: pa.Schema, skip: tuple[str, ...] = (), columns: list[str] | None = None
+) -> pa.Table:
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     tables = [
-        read_table(f).cast(schema)
+        read_table(f, columns).cast(schema)
         for f in storage.list_dir(uri)
         if f.endswith(".parquet") and f.rsplit("/", 1)[-1] not in skip
     ]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def read_masks(output: str) -> pa.Table:
-    """All committed mask rows of a run (MASK_SCHEMA)."""
-    return _read_dir(manifest.stage_uri(output, STAGE, "masks"), MASK_SCHEMA)
+def read_masks(output: str, columns: list[str] | None = None) -> pa.Table:
+    """All committed mask rows of a run (MASK_SCHEMA; ``columns``: only those)."""
+    return _read_dir(manifest.stage_uri(output, STAGE, "masks"), MASK_SCHEMA, columns=columns)
 
 
-def read_errors(output: str, include_prepare: bool = True) -> pa.Table:
+def read_errors(
+    output: str, include_prepare: bool = True, columns: list[str] | None = None
+) -> pa.Table:
     """All error rows of a run (coco.ERROR_SCHEMA); label errors plus carried prepare errors."""
     skip = () if include_prepare else (PREPARE_ERRORS,)
-    return _read_dir(manifest.stage_uri(output, STAGE, "errors"), ERROR_SCHEMA, skip)
+    return _read_dir(manifest.stage_uri(output, STAGE, "errors"), ERROR_SCHEMA, skip, columns)
 
 
 def verify_outputs(
@@ -126,8 +138,8 @@ def verify_outputs(
         every committed shard (this run's and earlier runs').
     """
     table = read_instances(instances)
-    masks = read_masks(output)
-    errors = read_errors(output, include_prepare=False)
+    masks = read_masks(output, columns=["ann_id"])
+    errors = read_errors(output, include_prepare=False, columns=["ann_id"])
     want = table["ann_id"].to_numpy()
     got = np.concatenate([masks["ann_id"].to_numpy(), errors["ann_id"].to_numpy()])
     ids, counts = np.unique(got, return_counts=True)

@@ -1,7 +1,8 @@
 """COCO json export of pseudo masks (stage 1c output -> stage 2 input, or any COCO tool).
 
 ``export_coco`` keeps the source dataset's ``images``, ``categories`` (and ``info`` /
-``licenses`` when present) and writes one annotation per mask row::
+``licenses`` when present) and writes one annotation per mask row, streaming (memory independent
+of the number of masks; the Parquet mask shards stay the primary output)::
 
     {"id": ann_id, "image_id", "category_id", "segmentation": {"size": [h, w], "counts": str},
      "area": mask area, "bbox": [x, y, w, h] of the mask, "score", "iscrowd": 0,
@@ -13,24 +14,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
+import numpy as np
+import pyarrow.compute as pc
 
 from exits import storage
 from exits.data import rle
 from exits.data.coco import read_table
-from exits.data.validate import drop_unusable_images, id_or_none
-from exits.label.plan import MASK_SCHEMA
+from exits.data.jsonstream import iter_members
+from exits.data.validate import drop_unusable_images
 
-
-def read_mask_rows(masks_uri: str) -> pa.Table:
-    """Mask rows from a Parquet file or a directory of shards (``<run>/label/masks``)."""
-    if storage.is_dir(masks_uri) or not storage.exists(masks_uri):
-        # no directory: a run with no instances (nothing to commit) exports an empty json
-        files = [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
-        if not files:
-            return MASK_SCHEMA.empty_table()
-        return pa.concat_tables([read_table(f) for f in files])
-    return read_table(masks_uri)
+EXPORT_BATCH = 4096  # mask rows turned into json text at a time
 
 
 def annotation_from_row(row: dict) -> dict[str, Any]:
@@ -50,10 +43,22 @@ def annotation_from_row(row: dict) -> dict[str, Any]:
     }
 
 
+def _mask_files(masks_uri: str) -> list[str]:
+    """Parquet shards of ``masks_uri`` (a file or a directory); none for a run that committed
+    nothing (no instances: the export is an empty json, not an error)."""
+    if storage.is_dir(masks_uri) or not storage.exists(masks_uri):
+        return [f for f in storage.list_dir(masks_uri) if f.endswith(".parquet")]
+    return [masks_uri]
+
+
 def export_coco(
     masks_uri: str, source_annotations: str, out_uri: str, *, skip_empty: bool = True
 ) -> dict[str, int]:
-    """Write a COCO json of the pseudo masks at ``out_uri`` (published atomically).
+    """Write a COCO json of the pseudo masks at ``out_uri``, streaming (published atomically).
+
+    Memory does not grow with the number of masks: the source json is streamed for its images
+    and categories (its annotations are skipped), then the annotations are written shard by
+    shard (shards in name order, each sorted by ann_id).
 
     Args:
         masks_uri: mask Parquet file or shard directory (``<run>/label/masks``).
@@ -64,32 +69,48 @@ def export_coco(
     Returns:
         {"images", "categories", "annotations", "skipped_empty"}.
     """
-    source = storage.read_json(source_annotations)
-    known_images = {
-        id_or_none(i.get("id")) for i in source.get("images", []) if isinstance(i, dict)
-    }
-    rows = read_mask_rows(masks_uri).sort_by("ann_id").to_pylist()
-    annotations, skipped = [], 0
-    for row in rows:
-        if skip_empty and not row["area"]:
-            skipped += 1
-            continue
-        if int(row["image_id"]) not in known_images:
-            raise ValueError(
-                f"mask row {row['ann_id']} refers to image {row['image_id']} absent from {source_annotations}"
-            )
-        annotations.append(annotation_from_row(row))
-    out = {k: source[k] for k in ("info", "licenses") if k in source}
-    drop_unusable_images(source)  # entries that cannot be images (bad id/size/name): not exported
-    out.update(
-        images=source.get("images", []),
-        categories=source.get("categories", []),
-        annotations=annotations,
-    )
-    storage.publish_bytes(out_uri, json.dumps(out).encode("utf-8"))
-    return {
-        "images": len(out["images"]),
-        "categories": len(out["categories"]),
-        "annotations": len(annotations),
-        "skipped_empty": skipped,
-    }
+    files = _mask_files(masks_uri)
+    meta: dict[str, Any] = {}
+    images: list[Any] = []  # image entries only (no annotations): memory ~ the image count
+    for key, value in iter_members(source_annotations, arrays=("images", "annotations")):
+        if key == "images":
+            images.append(value)
+        elif key in ("info", "licenses", "categories"):
+            meta[key] = value
+    kept = {"images": images}
+    drop_unusable_images(kept)  # entries that cannot be images (bad id/size/name): not exported
+    images = kept["images"]
+    image_ids = [int(i["id"]) for i in images]
+    counts = {"images": len(images), "categories": 0, "annotations": 0, "skipped_empty": 0}
+    with storage.publish_stream(out_uri) as out:
+        out.write(b'{"images": [')
+        for k in range(0, len(images), EXPORT_BATCH):
+            text = ", ".join(json.dumps(i) for i in images[k : k + EXPORT_BATCH])
+            out.write(b", " * bool(k) + text.encode())
+        del images, kept
+        meta.setdefault("categories", [])
+        counts["categories"] = len(meta["categories"])
+        out.write(b"], ")
+        for key, value in meta.items():
+            out.write(json.dumps(key).encode() + b": " + json.dumps(value).encode() + b", ")
+        out.write(b'"annotations": [')
+        known = np.unique(np.asarray(image_ids, dtype=np.int64))
+        for uri in files:
+            table = read_table(uri).sort_by("ann_id")
+            if skip_empty:
+                empty = pc.equal(table["area"], 0).fill_null(True)
+                counts["skipped_empty"] += int(pc.sum(empty).as_py() or 0)
+                table = table.filter(pc.invert(empty))
+            unknown = ~np.isin(table["image_id"].to_numpy(), known)
+            if unknown.any():
+                row = table.slice(int(np.argmax(unknown)), 1).to_pylist()[0]
+                raise ValueError(
+                    f"mask row {row['ann_id']} refers to image {row['image_id']} absent from {source_annotations}"
+                )
+            for batch in table.to_batches(EXPORT_BATCH):
+                text = ", ".join(json.dumps(annotation_from_row(r)) for r in batch.to_pylist())
+                if text:
+                    out.write(b", " * bool(counts["annotations"]) + text.encode())
+                    counts["annotations"] += batch.num_rows
+        out.write(b"]}")
+    return counts

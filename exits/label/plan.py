@@ -81,6 +81,15 @@ def assign_shards(table: pa.Table, shard_images: int) -> pa.Table:
     return table.append_column("shard", pa.array((rank // shard_images).astype(np.int32)))
 
 
+def expected_ids(table: pa.Table) -> dict[int, np.ndarray]:
+    """Shard -> the sorted int64 ann_ids it must hold, for a table with a ``shard`` column."""
+    shards, ids = table["shard"].to_numpy(), table["ann_id"].to_numpy()
+    order = np.lexsort((ids, shards))
+    shards, ids = shards[order], ids[order]
+    bounds = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1], True])
+    return {int(shards[b]): ids[b:e] for b, e in zip(bounds[:-1], bounds[1:])}
+
+
 def image_rows(table: pa.Table) -> pa.Table:
     """Group a sharded instance table (sorted by image) into one row per image.
 

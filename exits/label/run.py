@@ -22,6 +22,7 @@ from exits.label.plan import (
     STAGE,
     assign_shards,
     describe_checkpoint,
+    expected_ids,
     fingerprint,
     image_rows,
     read_instances,
@@ -133,10 +134,7 @@ def label_instances(
     done = committed_shards(output)
     shards = table["shard"].to_numpy()
     todo = table.filter(pa.array(~np.isin(shards, sorted(done))))
-    expected: dict[int, set[int]] = {}
-    for s, a in zip(todo["shard"].to_numpy(), todo["ann_id"].to_numpy()):
-        expected.setdefault(int(s), set()).add(int(a))
-    committer = ShardCommitter(output, expected)
+    committer = ShardCommitter(output, expected_ids(todo))
     t0, first_result = time.time(), None
     if todo.num_rows:
         ds = build_dataset(

@@ -13,6 +13,13 @@ from exits.config import PipelineConfig
 from exits.pipeline.common import stage_uri
 
 log = logging.getLogger("exits.pipeline")
+# instance tables are directories of Parquet parts (exits.data.prepare); errors are single files
+PREPARE_ARTIFACTS = (
+    "instances.parquet",
+    "errors.parquet",
+    "val_instances.parquet",
+    "val_errors.parquet",
+)
 
 
 def _demo_data(cfg: PipelineConfig, run: str) -> tuple[str, str, str, str]:
@@ -77,7 +84,7 @@ def _val_for_stage2(val_json: str, run: str, images: str | None = None, max_pixe
 
 
 def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
-    from exits.data.coco import load_instances, write_table
+    from exits.data.prepare import prepare_instances
 
     started = time.time()
     d = cfg.data
@@ -93,22 +100,25 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
         paths = {"annotations": ann, "images": img, "val_annotations": val, "val_images": vimg}
     else:
         raise ValueError(f"dataset {d.name!r} has no data.annotations configured")
-    inst, err = load_instances(paths["annotations"], paths["images"], max_pixels=d.max_image_pixels)
-    if d.max_instances > 0 and inst.num_rows > d.max_instances:
-        inst = inst.slice(0, d.max_instances)
-    write_table(inst, stage_uri(run, "prepare", "instances.parquet"))
-    write_table(err, stage_uri(run, "prepare", "errors.parquet"))
-    counts = {"instances": inst.num_rows, "errors": err.num_rows}
+    out = {name: stage_uri(run, "prepare", name) for name in PREPARE_ARTIFACTS}
+    c = prepare_instances(paths["annotations"], paths["images"], out["instances.parquet"],
+                          out["errors.parquet"], shard_images=d.prepare_shard_images,
+                          max_instances=d.max_instances, max_pixels=d.max_image_pixels)  # fmt: skip
+    counts = {"instances": c["instances"], "errors": c["errors"], "separated": c["separated"],
+              "shards": c["shards"]}  # fmt: skip
     if paths["val_annotations"]:
         paths["val_annotations"] = _val_for_stage2(
             paths["val_annotations"], run, paths["val_images"], d.max_image_pixels
         )
-        vinst, verr = load_instances(
-            paths["val_annotations"], paths["val_images"], max_pixels=d.max_image_pixels
-        )
-        write_table(vinst, stage_uri(run, "prepare", "val_instances.parquet"))
-        counts.update(val_instances=vinst.num_rows, val_errors=verr.num_rows)
-    counts["separated"] = int(sum(bool(s) for s in inst["separated"].to_pylist()))
+        v = prepare_instances(paths["val_annotations"], paths["val_images"],
+                              out["val_instances.parquet"], out["val_errors.parquet"],
+                              shard_images=d.prepare_shard_images,
+                              max_pixels=d.max_image_pixels)  # fmt: skip
+        counts.update(val_instances=v["instances"], val_errors=v["errors"])
+    log.info("prepare: %s", counts)
     return manifest.write_manifest(
-        run, "prepare", fp, started, data=paths, counts=counts, config=asdict(d)
-    )
+        run, "prepare", fp, started, data=paths, counts=counts, config=asdict(d),
+        outputs={"instances": "instances.parquet/ (Parquet parts)", "errors": "errors.parquet",
+                 "val_instances": "val_instances.parquet/ (Parquet parts)",
+                 "val_errors": "val_errors.parquet"},
+    )  # fmt: skip

@@ -92,3 +92,19 @@ def test_validate_reasons(points, reason):
 
 def test_validate_accepts_good_points():
     assert validate_extreme_points(np.array([[5, 2], [1, 6], [4, 9], [8, 5]]), 20, 20) is None
+
+
+def test_python_path_equals_numpy_path(monkeypatch):
+    """Polygon-sized point lists take a plain-Python path; it must give the numpy result."""
+    from exits.data import extreme_points as ep
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for t in range(600):
+        k = int(rng.integers(1, 300))
+        pts = rng.integers(0, 50, (k, 2)).astype(float)  # many ties
+        cases.append(pts if t % 2 else np.round(rng.uniform(0, 500, (k, 2)), 2))
+    fast = [ep._extreme_points(p) for p in cases]
+    monkeypatch.setattr(ep, "PYTHON_PATH_MAX_POINTS", 0)
+    for pts, got in zip(cases, fast):
+        np.testing.assert_array_equal(got, ep._extreme_points(pts))
