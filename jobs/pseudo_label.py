@@ -39,6 +39,7 @@ from exits.label import (  # noqa: E402
     export_coco,
     label_instances,
 )
+from exits.pipeline.preflight import check_cluster  # noqa: E402
 
 EXPORT_NAME = PSEUDO_JSON  # pseudo_coco.json, as in a pipeline run
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     if started_ray:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
     try:
+        check_cluster(cfg, ["label"])  # requests no node type can hold fail now, not hang
         summary = label_instances(
             instances, args.images, args.checkpoint, args.output, cfg.crop, cfg.label,
             upstream_errors=prepare_errors,

@@ -239,7 +239,7 @@ def build_dataset(
             "checkpoint": checkpoint,
             "crop_size": crop.size,
             "expected_id": generator_id,
-            "use_gpu": cfg.use_gpu,
+            "use_gpu": cfg.use_gpu and not cfg.logical_gpus,  # logical GPUs: torch on CPU
             "num_threads": int(max(1, round(cfg.cpus_per_actor))),
         },
         batch_size=cfg.batch_size,
