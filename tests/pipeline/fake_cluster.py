@@ -117,7 +117,15 @@ class FakeCluster:
         self.address = self.config["provider"]["gcs_address"]
         self.config_path = os.path.join(temp_dir, "autoscaling.json")
 
-    def start(self, timeout_s: float = 60) -> None:
+    def start(self, timeout_s: float = 180) -> None:
+        """``ray start --head`` with the autoscaler; on failure, stops what it started."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         os.makedirs(self.temp_dir, exist_ok=True)
         with open(self.config_path, "w") as f:
             json.dump(self.config, f)
@@ -129,7 +137,8 @@ class FakeCluster:
             ray_bin, "start", "--head", f"--port={port}", f"--node-ip-address={host}",
             f"--temp-dir={self.temp_dir}", f"--autoscaling-config={self.config_path}",
             f"--num-cpus={head.get('CPU', 0):g}", f"--num-gpus={head.get('GPU', 0):g}",
-            "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+            "--include-dashboard=false", f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0",
             "--max-worker-port=0", "--disable-usage-stats",
         ]  # fmt: skip
@@ -162,19 +171,20 @@ class FakeCluster:
                     text += f.read()
         return text
 
-    def raylet_pids(self, node_id_suffix: str | None = None) -> dict[str, int]:
-        """{node id: raylet pid} of the fake worker nodes (the provider's node ids are
-        ``fff…f0000N``; the raylet carries it in ``--node_id``/its env)."""
+    def raylet_pids(self, node_type: str | None = None) -> dict[str, int]:
+        """{node id: raylet pid} of the fake worker nodes (of ``node_type``); the provider
+        starts each raylet with RAY_OVERRIDE_NODE_ID_FOR_TESTING and RAY_NODE_TYPE_NAME."""
         out = {}
         for p in self.processes():
             try:
                 cmd = p.cmdline()
                 if not cmd or not cmd[0].endswith("raylet"):
                     continue
-                node_id = p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+                env = p.environ()
             except psutil.Error:
                 continue
-            if node_id and (node_id_suffix is None or node_id.endswith(node_id_suffix)):
+            node_id = env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+            if node_id and node_type in (None, env.get("RAY_NODE_TYPE_NAME")):
                 out[node_id] = p.pid
         return out
 
