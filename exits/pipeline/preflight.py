@@ -286,20 +286,16 @@ def _gcs_cluster_config() -> list[NodeType] | None:
     ]
 
 
-def monitor_config_path(gcs_address: str) -> str | None:
-    """The ``--autoscaling-config`` of the autoscaler monitor serving ``gcs_address`` on this
-    machine (where ``ray up`` puts the head's monitor and the job drivers), else None."""
+def local_monitor(gcs_address: str) -> list[str] | None:
+    """The command line of the autoscaler monitor serving ``gcs_address`` on this machine (a
+    ``ray up`` head runs it beside the job drivers; a local ``ray.init`` starts a read-only one),
+    else None."""
     import psutil
 
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if not any(a.endswith("monitor.py") for a in cmd):
-            continue
-        if f"--gcs-address={gcs_address}" not in cmd:
-            continue
-        for a in cmd:
-            if a.startswith("--autoscaling-config="):
-                return os.path.expanduser(a.split("=", 1)[1])
+        if any(a.endswith("monitor.py") for a in cmd) and f"--gcs-address={gcs_address}" in cmd:
+            return list(cmd)
     return None
 
 
@@ -314,16 +310,18 @@ def cluster_node_types() -> tuple[list[NodeType] | None, str]:
     from_gcs = _gcs_cluster_config()
     if from_gcs:
         return from_gcs + live, "autoscaler cluster config (GCS)"
-    gcs = ray.get_runtime_context().gcs_address
-    path = monitor_config_path(gcs)
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return node_types_from_launcher_config(
-                yaml.safe_load(f)
-            ) + live, f"autoscaler config {path}"
-    if (
-        _internal_kv_get("__autoscaling_status") is not None
-    ):  # ray_constants.DEBUG_AUTOSCALING_STATUS
+    monitor = local_monitor(ray.get_runtime_context().gcs_address)
+    if monitor is not None:
+        flag = "--autoscaling-config="
+        paths = [os.path.expanduser(a[len(flag) :]) for a in monitor if a.startswith(flag)]
+        if paths and os.path.exists(paths[0]):
+            with open(paths[0]) as f:
+                types = node_types_from_launcher_config(yaml.safe_load(f))
+            return types + live, f"autoscaler config {paths[0]}"
+        if not paths:  # a read-only monitor: a fixed cluster
+            return live, "live nodes (no autoscaling config)"
+    # ray_constants.DEBUG_AUTOSCALING_STATUS: an autoscaler reports from elsewhere (KubeRay)
+    if _internal_kv_get("__autoscaling_status") is not None:
         return None, "an autoscaler runs but its node types are not readable from here"
     return live, "live nodes (no autoscaler)"
 
