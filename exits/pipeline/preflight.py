@@ -169,8 +169,8 @@ def check_requests(
     unknown = [t.name for t in node_types if t.resources is None]
     for r in requests:
         usable = [t for t in node_types if t.resources is not None and t.max_count != 0]
-        fits = {t.name: _per_node(r.resources, t.resources) for t in usable}
-        fits = {k: v for k, v in fits.items() if v > 0}
+        fits = [(t, _per_node(r.resources, t.resources)) for t in usable]
+        fits = [(t, per) for t, per in fits if per > 0]
         head = f"stage {r.stage!r}: {r.what} requests {_fmt(r.resources)}"
         if not fits:
             msg = f"{head} (x{r.count}), which no node type offers; node types: {types}"
@@ -179,13 +179,10 @@ def check_requests(
             else:
                 report.problems.append(msg)
             continue
-        counts = {t.name: t.max_count for t in usable}
-        capacity = sum(
-            math.inf if counts[name] < 0 else per * counts[name] for name, per in fits.items()
-        )
+        capacity = sum(math.inf if t.max_count < 0 else per * t.max_count for t, per in fits)
         if capacity >= r.count:
             continue
-        where = ", ".join(f"{name}: {per} per node" for name, per in fits.items())
+        where = ", ".join(f"{t.name}: {per} per node" for t, per in fits)
         msg = (f"{head} x{r.count} but the node types hold at most {capacity:g} at once "
                f"({where}); node types: {types}")  # fmt: skip
         (report.problems if r.gang else report.warnings).append(msg)
