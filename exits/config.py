@@ -134,6 +134,9 @@ class LabelConfig:
     threshold: float = 0.5  # probability threshold after paste-back
     use_gpu: bool = False
     logical_gpus: bool = False  # with use_gpu: request gpus_per_actor but run torch on CPU
+    # custom resource each decode/paste task asks 0.001 of: keeps them on the node types that
+    # declare it (cloud profiles: decode_node), so CPU work never starts a GPU node
+    decode_resource: str = ""
     images_per_block: int = 8  # images per CPU decode/crop batch
     shard_images: int = 64  # images per output shard: the commit/resume unit of stage 1c
     # fault injection (tests): the driver stops after K > 0 result batches

@@ -221,6 +221,8 @@ def build_dataset(
 
     n = rows.num_rows
     step = max(1, cfg.images_per_block)
+    # CPU stages pinned to the decode node type when the profile names its resource
+    pin = {"resources": {cfg.decode_resource: 0.001}} if cfg.decode_resource else {}
     blocks = [rows.slice(i, step) for i in range(0, n, step)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
@@ -232,6 +234,7 @@ def build_dataset(
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
         memory=crop_task_memory(rows, crop.size, cfg.images_per_block),
+        **pin,
     )
     ds = ds.map_batches(
         GeneratorStage,
@@ -254,4 +257,5 @@ def build_dataset(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_kwargs={"threshold": cfg.threshold},
+        **pin,
     )

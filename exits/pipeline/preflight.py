@@ -107,7 +107,7 @@ def stage_requests(cfg: PipelineConfig, stages: Iterable[str]) -> list[ResourceR
     resources_per_worker)`` (Ray's default bundle {"GPU": 1} with GPUs, else {"CPU": 1}, plus
     0.001 of ``node_resource`` when set); stage 1c's actor pool
     (``cpus_per_actor``, ``gpus_per_actor`` when ``use_gpu``) and its CPU decode / paste tasks
-    ({"CPU": 1}); stage 2's ``ScalingConfig`` with ``resources_per_worker={"CPU":
+    ({"CPU": 1}, + ``decode_resource``); stage 2's ``ScalingConfig`` with ``resources_per_worker={"CPU":
     cpus_per_worker}`` (+ {"GPU": 1} with GPUs, + ``node_resource``). prepare and eval run
     in the driver.
     """
@@ -123,7 +123,10 @@ def stage_requests(cfg: PipelineConfig, stages: Iterable[str]) -> list[ResourceR
             gpus = lc.gpus_per_actor if lc.use_gpu else 0
             res = _bundle(CPU=lc.cpus_per_actor, GPU=gpus)
             out.append(ResourceRequest(stage, "labelling actor", res, lc.num_actors))
-            out.append(ResourceRequest(stage, "decode/paste task", _bundle(CPU=1)))
+            task = _bundle(CPU=1)
+            if lc.decode_resource:
+                task[lc.decode_resource] = NODE_RESOURCE_SHARE
+            out.append(ResourceRequest(stage, "decode/paste task", task))
         elif stage == "stage2":
             s = cfg.stage2
             res = _bundle(CPU=s.cpus_per_worker, GPU=1 if s.use_gpu else 0)

@@ -117,13 +117,25 @@ class FakeCluster:
         self.address = self.config["provider"]["gcs_address"]
         self.config_path = os.path.join(temp_dir, "autoscaling.json")
 
-    def start(self, timeout_s: float = 180) -> None:
-        """``ray start --head`` with the autoscaler; on failure, stops what it started."""
-        try:
-            self._start(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, timeout_s: float = 180, attempts: int = 3) -> None:
+        """``ray start --head`` with the autoscaler; on failure, stops what it started and
+        retries (on a heavily loaded machine Ray's own start-up waits can time out, e.g. the
+        raylet waiting for its agent's port file)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start(timeout_s)
+                return
+            except subprocess.SubprocessError as e:
+                self.stop()
+                out = getattr(e, "stdout", b"") or b""
+                err = getattr(e, "stderr", b"") or b""
+                detail = (out + err).decode(errors="replace")[-3000:]
+                if attempt == attempts:
+                    raise RuntimeError(f"ray start failed {attempts} times:\n{detail}") from e
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            except BaseException:
+                self.stop()
+                raise
 
     def _start(self, timeout_s: float) -> None:
         os.makedirs(self.temp_dir, exist_ok=True)

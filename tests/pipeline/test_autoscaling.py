@@ -39,7 +39,7 @@ IDLE_TIMEOUT_MIN = 0.2  # 12 s
 CLOUD_KEYS = {
     "warmup": ("use_gpu", "node_resource"),
     "generator": ("use_gpu", "node_resource"),
-    "label": ("use_gpu", "gpus_per_actor", "cpus_per_actor"),
+    "label": ("use_gpu", "gpus_per_actor", "cpus_per_actor", "decode_resource"),
 }
 
 

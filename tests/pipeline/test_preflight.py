@@ -130,7 +130,7 @@ def test_stage_requests_of_the_cloud_profile():
     assert reqs["warmup", "Ray Train worker"].resources == {"GPU": 1, "train_node": 0.001}
     assert reqs["label", "labelling actor"].resources == {"CPU": 1, "GPU": 1}
     assert reqs["label", "labelling actor"].count == 16
-    assert reqs["label", "decode/paste task"].resources == {"CPU": 1}
+    assert reqs["label", "decode/paste task"].resources == {"CPU": 1, "decode_node": 0.001}
     assert reqs["stage2", "Ray Train worker"].resources == {"CPU": 8, "GPU": 1, "train_node": 0.001}
 
 
@@ -146,15 +146,17 @@ def test_cloud_profiles_fit_the_cluster_files(profile, cluster):
 
 @pytest.mark.parametrize("cluster", ["aws.yaml", "gcp.yaml", "kuberay.yaml"])
 def test_each_stage_lands_on_its_node_type(cluster):
-    """Training fits only the on-demand 4-GPU type; labelling actors fit the 1-GPU type."""
+    """Training fits only the on-demand 4-GPU type, decode tasks only the CPU type; labelling
+    actors fit the 1-GPU type."""
     types = _node_types(cluster)
-    train_type = "gpu-train" if cluster == "kuberay.yaml" else "gpu_train"
-    label_type = "gpu-label" if cluster == "kuberay.yaml" else "gpu_label"
+    sep = "-" if cluster == "kuberay.yaml" else "_"
     for r in stage_requests(load_config("coco"), ALL_STAGES):
         if r.stage in TRAIN_STAGES:
-            assert _fitting(r, types) == {train_type}, r
+            assert _fitting(r, types) == {f"gpu{sep}train"}, r
         elif r.what == "labelling actor":
-            assert label_type in _fitting(r, types), r
+            assert f"gpu{sep}label" in _fitting(r, types), r
+        else:
+            assert _fitting(r, types) == {f"cpu{sep}decode"}, r
 
 
 def test_node_types_read_from_the_files():
@@ -164,6 +166,7 @@ def test_node_types_read_from_the_files():
     kube = {t.name: t for t in _node_types("kuberay.yaml")}
     assert kube["gpu-train"].resources == {"CPU": 44, "GPU": 4, "train_node": 1}
     assert kube["head"].resources == {"CPU": 0}
+    assert kube["cpu-decode"].resources == {"CPU": 30, "decode_node": 1}
 
 
 @pytest.mark.parametrize(
