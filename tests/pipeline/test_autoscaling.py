@@ -259,3 +259,34 @@ def test_labelling_survives_a_node_removed_under_it(cluster, trained, tmp_path):
     assert storage.exists(storage.join(run, "label", "pseudo_coco.json"))
     print(f"\nnode kill: {done_at_kill}/{summary['shards']} shard(s) committed before the kill, "
           f"{attempts} submission(s), {label_s:.0f} s; events: {[m for _, m in watch.events(t1)]}")  # fmt: skip
+
+
+def test_an_edited_copy_of_aws_yaml_is_refused_before_any_work(tmp_path):
+    """The same fake cluster from a copy of aws.yaml whose GPU types lost what the stages ask
+    for: the job reads the node types from the running autoscaler's config and stops at once,
+    naming the stage, the request and the node types (without it, it would wait forever)."""
+    launcher = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    types = launcher["available_node_types"]
+    types["gpu_train"]["resources"].pop("train_node")  # Ray Train's pin is gone
+    types["gpu_label"]["resources"]["gpu"] = types["gpu_label"]["resources"].pop("GPU")  # typo
+    types["gpu_train"]["resources"]["gpu"] = types["gpu_train"]["resources"].pop("GPU")
+    config = fake_cluster_config(launcher, gcs_address=f"127.0.0.1:{free_port()}")
+    fake = FakeCluster(config, f"/tmp/exits-fake-{os.getpid()}-{free_port()}")
+    fake.start()
+    try:
+        t = time.time()
+        proc = submit(fake, str(tmp_path / "run"), ["prepare", "warmup", "label"], timeout_s=120)
+        seconds = time.time() - t
+    finally:
+        fake.stop()
+        leftover = fake.processes()
+        fake.cleanup()
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "UnsatisfiableRequest" in err and "autoscaler config" in err, err[-3000:]
+    assert "stage 'warmup': Ray Train worker requests {GPU: 1, train_node: 0.001}" in err
+    assert "stage 'label': labelling actor requests {CPU: 1, GPU: 1}" in err
+    assert "gpu_label {CPU: 2, gpu: 1} (max 2)" in err
+    assert not (tmp_path / "run" / "prepare" / "manifest.json").exists()  # no stage ran
+    assert not leftover
+    print(f"\nrefused in {seconds:.0f} s (driver start included)")
