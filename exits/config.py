@@ -115,6 +115,12 @@ class TrainConfig:
     ema_momentum: float = 0.996
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
+    # with use_gpu: request the GPUs from Ray (scheduling, autoscaling) but run torch on CPU
+    # (clusters whose GPUs are logical only, e.g. the fake multi-node test cluster)
+    logical_gpus: bool = False
+    # custom Ray resource each worker asks 0.001 of: pins the workers to the node types that
+    # declare it (cloud profiles: train_node, only the gpu_train type of cluster/*.yaml has it)
+    node_resource: str = ""
     amp: bool = True  # bf16 autocast on GPU only
     max_failures: int = 1
     checkpoint_every: int = 50  # steps
@@ -132,6 +138,10 @@ class LabelConfig:
     cpus_per_actor: float = 1.0
     threshold: float = 0.5  # probability threshold after paste-back
     use_gpu: bool = False
+    logical_gpus: bool = False  # with use_gpu: request gpus_per_actor but run torch on CPU
+    # custom resource each decode/paste task asks 0.001 of: keeps them on the node types that
+    # declare it (cloud profiles: decode_node), so CPU work never starts a GPU node
+    decode_resource: str = ""
     images_per_block: int = 8  # images per CPU decode/crop batch
     shard_images: int = 64  # images per output shard: the commit/resume unit of stage 1c
     # fault injection (tests): the driver stops after K > 0 result batches
@@ -150,6 +160,7 @@ class Stage2Config:
     # on GPU nodes: room for mmdet's dataloader processes)
     batch_size: int = 0  # images per worker and step (0: the profile's)
     use_gpu: bool = False
+    node_resource: str = ""  # custom resource each worker asks 0.001 of (as TrainConfig's)
     image_size: int = 0  # cpu_small resize (0: profile default)
 
 

@@ -41,6 +41,7 @@ from exits.label import (  # noqa: E402
     export_coco,
     label_instances,
 )
+from exits.pipeline.preflight import check_cluster  # noqa: E402
 
 EXPORT_NAME = PSEUDO_JSON  # pseudo_coco.json, as in a pipeline run
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     if started_ray:
         ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
     try:
+        check_cluster(cfg, ["label"])  # requests no node type can hold fail now, not hang
         # prepare as Ray Data tasks over image shards; images are decoded once, in the label
         # stage (check_files=False); the instance table is a directory of Parquet parts
         instances = manifest.stage_uri(args.output, "prepare", "instances.parquet")

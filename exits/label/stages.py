@@ -231,6 +231,8 @@ def build_dataset(
 
     n = rows.num_rows
     step = max(1, cfg.images_per_block)
+    # CPU stages pinned to the decode node type when the profile names its resource
+    pin = {"resources": {cfg.decode_resource: 0.001}} if cfg.decode_resource else {}
     blocks = [rows.slice(i, step) for i in range(0, n, step)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
@@ -242,6 +244,7 @@ def build_dataset(
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
         memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
+        **pin,
     )
     ds = ds.map_batches(
         GeneratorStage,
@@ -249,7 +252,7 @@ def build_dataset(
             "checkpoint": checkpoint,
             "crop_size": crop.size,
             "expected_id": generator_id,
-            "use_gpu": cfg.use_gpu,
+            "use_gpu": cfg.use_gpu and not cfg.logical_gpus,  # logical GPUs: torch on CPU
             "num_threads": int(max(1, round(cfg.cpus_per_actor))),
         },
         batch_size=cfg.batch_size,
@@ -264,4 +267,5 @@ def build_dataset(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_kwargs={"threshold": cfg.threshold},
+        **pin,
     )

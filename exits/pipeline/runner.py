@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from exits import manifest, storage
 from exits.config import PipelineConfig, validate_config
+from exits.pipeline import preflight
 from exits.pipeline.common import STAGES
 from exits.pipeline.eval import run_eval
 from exits.pipeline.label import run_label
@@ -70,6 +71,8 @@ def run_pipeline(
     storage.makedirs(output)
     storage.write_json(storage.join(output, "config.json"), asdict(cfg))
     fps = stage_fingerprints(cfg)
+    todo = [s for s in selected if force or not manifest.is_done(output, s, fps[s])]
+    preflight.check_cluster(cfg, todo)  # unsatisfiable resource requests fail here, not hang
     results = {}
     for stage in STAGES:
         if stage not in selected:

@@ -55,6 +55,7 @@ def train_stage2(
     resume: bool = True,
     *,
     cpus_per_worker: float = 1,
+    node_resource: str = "",
     max_failures: int = 0,
     num_to_keep: int = DEFAULT_NUM_TO_KEEP,
     storage_filesystem: Any = None,
@@ -70,6 +71,7 @@ def train_stage2(
         name: run name; re-using ``storage_path`` + ``name`` resumes from the latest checkpoint.
         resume: False trains from scratch even if the run directory has checkpoints.
         cpus_per_worker: CPUs reserved per worker.
+        node_resource: custom resource each worker asks 0.001 of (pins it to a node type).
         max_failures: Ray restarts after a worker failure (each restart resumes).
         num_to_keep: Ray checkpoints kept in the run directory.
         storage_filesystem: pyarrow filesystem for ``storage_path`` (default: resolved by
@@ -100,7 +102,12 @@ def train_stage2(
             "use_gpu": use_gpu,
         },
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={
+                "CPU": cpus_per_worker,
+                **({node_resource: 0.001} if node_resource else {}),
+            },
         ),
         run_config=RunConfig(
             name=name,

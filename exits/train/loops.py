@@ -114,7 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
     lcfg = LossConfig(**config["loss"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # logical GPUs (fake-GPU clusters): Ray assigned a GPU id, but torch runs on CPU
+    device = torch.device("cpu") if tcfg.logical_gpus else ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed + rank)
 
     kwargs = _model_kwargs(mcfg, crop)

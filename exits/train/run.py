@@ -27,12 +27,24 @@ def ray_storage(uri: str) -> tuple[str, object | None]:
     return os.path.abspath(uri), None
 
 
+NODE_RESOURCE_SHARE = 0.001  # of a node-type resource (e.g. train_node: 1) per worker
+
+
+def worker_resources(use_gpu: bool, node_resource: str = "") -> dict[str, float] | None:
+    """``resources_per_worker`` of a stage-1 worker: None (Ray's default: {"GPU": 1} with GPUs,
+    else {"CPU": 1}) unless ``node_resource`` pins the workers to a node type."""
+    if not node_resource:
+        return None
+    return {**({} if use_gpu else {"CPU": 1.0}), node_resource: NODE_RESOURCE_SHARE}
+
+
 def fit(loop_config: dict, tcfg: TrainConfig, storage_uri: str, name: str = "train"):
     """Run (or resume) ``train_loop_per_worker`` on ``tcfg.num_workers`` Ray Train workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     path, fs = ray_storage(storage_uri)
+    cuda = tcfg.use_gpu and not tcfg.logical_gpus  # logical GPUs: requested, torch on CPU
     run_config = RunConfig(
         name=name,
         storage_path=path,
@@ -43,8 +55,12 @@ def fit(loop_config: dict, tcfg: TrainConfig, storage_uri: str, name: str = "tra
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo", timeout_s=600),
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=worker_resources(tcfg.use_gpu, tcfg.node_resource),
+        ),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=600),
         run_config=run_config,
     )
     return trainer.fit()
