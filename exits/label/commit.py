@@ -138,7 +138,7 @@ def verify_outputs(
         every committed shard (this run's and earlier runs').
     """
     table = read_instances(instances)
-    masks = read_masks(output, columns=["ann_id"])
+    masks = read_masks(output, columns=["ann_id", "area"])
     errors = read_errors(output, include_prepare=False, columns=["ann_id"])
     want = table["ann_id"].to_numpy()
     got = np.concatenate([masks["ann_id"].to_numpy(), errors["ann_id"].to_numpy()])

@@ -83,6 +83,8 @@ def assign_shards(table: pa.Table, shard_images: int) -> pa.Table:
 
 def expected_ids(table: pa.Table) -> dict[int, np.ndarray]:
     """Shard -> the sorted int64 ann_ids it must hold, for a table with a ``shard`` column."""
+    if table.num_rows == 0:
+        return {}
     shards, ids = table["shard"].to_numpy(), table["ann_id"].to_numpy()
     order = np.lexsort((ids, shards))
     shards, ids = shards[order], ids[order]

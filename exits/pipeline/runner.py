@@ -68,11 +68,11 @@ def run_pipeline(
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {list(STAGES)}")
     if from_stage:
         selected = [s for s in STAGES if STAGES.index(s) >= STAGES.index(from_stage)]
+    # unsatisfiable resource requests fail here, before any input is read, not hang later
+    preflight.check_cluster(cfg, selected)
     storage.makedirs(output)
     storage.write_json(storage.join(output, "config.json"), asdict(cfg))
     fps = stage_fingerprints(cfg)
-    todo = [s for s in selected if force or not manifest.is_done(output, s, fps[s])]
-    preflight.check_cluster(cfg, todo)  # unsatisfiable resource requests fail here, not hang
     results = {}
     for stage in STAGES:
         if stage not in selected:
