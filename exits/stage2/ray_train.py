@@ -46,6 +46,7 @@ from mmengine.hooks import Hook
 
 from exits import storage
 from exits.compat import lvis_numpy_compat
+from exits.stage2.logs import forward_iteration_lines
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +349,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
             logger.info("stage 2 on %d workers, resume from %s", ctx.get_world_size(), resume_from)
 
         runner = Runner.from_cfg(cfg)
+        if rank == 0:  # iteration/ETA lines to the driver's console (exits/stage2/logs.py)
+            forward_iteration_lines(runner.logger)
         hook = RayTrainReportHook(run_dir=config.get("run_dir"))
         runner.register_hook(hook)
         runner.train()
