@@ -197,14 +197,17 @@ def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelCon
             sampler.__exit__(None, None, None)
     finally:
         ray.shutdown()
-    steady = s["seconds"] - (s["first_result_s"] or 0.0)
+    steady = s["seconds"] - (s["first_result_s"] or 0.0)  # after the first result batch
+    steady_crops = s["crops"] - s.get("first_result_rows", 0)
     result = {
         "crops": s["crops"],
         "seconds": s["seconds"],
         "first_result_s": s["first_result_s"],
         "commit_s": s.get("commit_s"),
         "e2e_crops_per_s": s["crops_per_s"],
-        "steady_crops_per_s": round(s["crops"] / steady, 2) if steady > 0 else None,
+        "steady_crops_per_s": round(steady_crops / steady, 2)
+        if steady > 0 and steady_crops > 0
+        else None,
     }
     if sampler:
         result["peak_rss_mb"] = round(sampler.peak / 2**20, 1)  # driver + workers

@@ -75,7 +75,9 @@ def label_instances(
     Returns:
         {"instances", "masks", "errors", "prepare_errors", "empty_masks", "crops", "shards",
          "shards_skipped", "shards_written", "seconds", "first_result_s" (actor start-up and
-         pipeline fill), "crops_per_s" (this run's crops / seconds), "generator", "output"}
+         pipeline fill), "first_result_rows" (rows of that first result batch), "commit_s"
+         (driver time committing), "crops_per_s" (this run's crops / seconds), "generator",
+         "output"}
     """
     _validate(crop, cfg)
     if shard_images is None:
@@ -120,7 +122,7 @@ def label_instances(
     for s, a in zip(todo["shard"].to_numpy(), todo["ann_id"].to_numpy()):
         expected.setdefault(int(s), set()).add(int(a))
     committer = ShardCommitter(output, expected)
-    t0, first_result, commit_s = time.time(), None, 0.0
+    t0, first_result, first_rows, commit_s = time.time(), None, 0, 0.0
     progress = Progress("1c", todo.num_rows, unit="rows", rate_unit="crops/s")
     if todo.num_rows:
         ds = build_dataset(
@@ -133,7 +135,7 @@ def label_instances(
         )
         for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow"), 1):
             if first_result is None:
-                first_result = time.time() - t0
+                first_result, first_rows = time.time() - t0, batch.num_rows
             t_commit = time.time()
             committer.add(batch)
             commit_s += time.time() - t_commit
@@ -155,6 +157,7 @@ def label_instances(
         "shards_written": len(committer.committed),
         "seconds": round(seconds, 3),
         "first_result_s": round(first_result, 3) if first_result is not None else None,
+        "first_result_rows": first_rows,
         "commit_s": round(commit_s, 3),  # driver time spent committing result batches
         "crops_per_s": round(committer.counts["crops"] / seconds, 2) if seconds > 0 else 0.0,
         "generator": gen_id,
