@@ -18,11 +18,12 @@ commit.
 - pools: ``label_instances`` on a local Ray with exactly ``os.cpu_count()`` logical CPUs (the
   machine's real cores: no oversubscription). ``AxC`` = A actors reserving C CPUs each; each
   actor runs ceil(C) torch threads; the decode/paste tasks reserve the CPUs left
-  (cores - A*C). Each pool labels a third of the images, then all of them, in one Ray
-  session; its rate is the *incremental* one, (crops_all - crops_third) / (s_all - s_third):
-  actor start-up, model load and pipeline fill/drain cancel out, and the rate does not depend
-  on how result batches bunch up on their way to the driver (they do on 2 cores, which made
-  the old "after the first result" rate meaningless). ``e2e`` rates include everything.
+  (cores - A*C). Each pool labels one image (warm-up), a third of the images, then all of
+  them, in one Ray session; its rate is the *incremental* one,
+  (crops_all - crops_third) / (s_all - s_third): actor start-up, model load and pipeline
+  fill/drain cancel out, and the rate does not depend on how result batches bunch up on their
+  way to the driver (they do on 2 cores, which made the old "after the first result" rate
+  meaningless). ``e2e`` rates include everything.
 - ``--runs`` rounds (default 3), each: the bare loop, then every pool; a pool's ratio is its
   incremental crops/s over the same round's bare crops/s. Reported: the median ratio per pool
   and its spread (min, max), never the best round.
@@ -175,9 +176,9 @@ class RssSampler:
 
 def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelConfig,
             measure_rss: bool = False, small: dict | None = None) -> dict:  # fmt: skip
-    """``label_instances`` on ``ds`` in a fresh local Ray. With ``small`` (a subset), that runs
-    first in the same Ray session and ``incremental_crops_per_s`` = extra crops / extra seconds
-    of the full run: actor start-up, model load and pipeline fill/drain cancel out, and it does
+    """``label_instances`` on ``ds`` in a fresh local Ray. With ``small`` (a subset, whose
+    ``"warmup"`` entry is a 1-image set run before it), that runs first in the same Ray session
+    and ``incremental_crops_per_s`` = extra crops / extra seconds of the full run: actor start-up, model load and pipeline fill/drain cancel out, and it does
     not depend on how result batches are grouped when they reach the driver."""
     import ray
     import ray.data
@@ -198,7 +199,9 @@ def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelCon
         if sampler:
             sampler.__enter__()
         first = None
-        if small is not None:
+        if small is not None:  # a 1-image run first absorbs the session's one-off start-up
+            label_instances(small["warmup"]["instances"], small["warmup"]["images"], checkpoint,
+                            out + "-warmup", crop, cfg)  # fmt: skip
             first = label_instances(small["instances"], small["images"], checkpoint, out + "-small",
                                     crop, cfg)  # fmt: skip
         s = label_instances(ds["instances"], ds["images"], checkpoint, out, crop, cfg)
@@ -242,6 +245,7 @@ def throughput(root: str, num_images: int, checkpoint: str, crop: CropConfig,
     """``runs`` rounds of: bare loop, every pool. Median ratio per pool and its spread."""
     ds = make_dataset(root, num_images)
     small = make_dataset(root, max(1, num_images // 3))
+    small["warmup"] = make_dataset(root, 1)
     print(f"[bench] {num_images} images, {ds['instances'].num_rows} instances "
           f"(subset {small['instances'].num_rows}), {CORES} cores", flush=True)  # fmt: skip
     first = next(iter(pools.values()))
