@@ -6,6 +6,8 @@ warnings from ``exits``, and errors from anything. Everything else goes to files
 
 - the driver's log, ``<run>/logs/driver.log``: every logger at INFO (Ray core, Ray Data's
   execution plans and stats, token-auth notices, Python warnings);
+- ``<run>/logs/driver-native.log``: what native code in the driver writes to stderr (Ray's C++
+  core worker, e.g. ``core_worker.cc ... constructor arguments in the object store``);
 - Ray workers' own output (Ray Train's ``Reporting training result ... TrainingReport``
   lines, the placement-group cleaner, mmdet's config dump): Ray's session logs,
   ``<session>/logs/worker-*.out|err``; a run that started its own local Ray copies those to
@@ -14,7 +16,9 @@ warnings from ``exits``, and errors from anything. Everything else goes to files
 ``verbose=True`` (``--verbose``) restores Ray's console: worker output streamed to the
 driver, Ray's and Ray Data's INFO lines and progress bars. Only documented switches are used:
 ``ray.init(log_to_driver=...)``, ``DataContext.enable_progress_bars`` and the standard
-``logging`` configuration of the ``ray`` / ``ray.data`` loggers.
+``logging`` configuration of the ``ray`` / ``ray.data`` loggers, and a redirect of the
+driver's file descriptor 2 (Python's ``sys.stderr`` stays on the console). Ray itself is not
+patched.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         file_handler = logging.FileHandler(log_file)
+        file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(logging.Formatter(FILE_FORMAT))
         root.addHandler(file_handler)
         handlers.append(file_handler)
