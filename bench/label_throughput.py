@@ -3,7 +3,7 @@
 Usage::
 
     python bench/label_throughput.py                      # defaults below: ViT-S/14 at 224²
-    python bench/label_throughput.py --images 60 --runs 3 --pools 1x1,1x1.5,2x0.75
+    python bench/label_throughput.py --images 120 --runs 3 --pools 1x1,1x1.5,2x0.75
     python bench/label_throughput.py --generator vit_tiny_demo --crop-size 96 --images 240
 
 Workload: the synthetic demo set (128² images, 2-4 instances each) and the generator the
@@ -293,7 +293,7 @@ def save_generator(path: str, name: str, size: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=60, help="images for the throughput runs")
+    p.add_argument("--images", type=int, default=120, help="images for the throughput runs")
     p.add_argument("--runs", type=int, default=3, help="rounds; the median ratio is reported")
     p.add_argument("--pools", default="1x1,1x1.5,2x0.75",
                    help="comma-separated AxC: A actors x C CPUs each (within the real cores)")  # fmt: skip
