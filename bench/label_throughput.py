@@ -1,22 +1,34 @@
-"""Stage 1c throughput and memory: the Ray Data pipeline vs a bare single-process loop.
+"""Stage 1c throughput and memory: Ray Data actor pools vs the bare one-core loop.
 
 Usage::
 
-    python bench/label_throughput.py [--images 240] [--scale 10] [--batch-size 16]
+    python bench/label_throughput.py                      # defaults below: ViT-S/14 at 224²
+    python bench/label_throughput.py --images 120 --runs 3 --pools 1x1,1x1.5,2x0.75
+    python bench/label_throughput.py --generator vit_tiny_demo --crop-size 96 --images 240
 
-Workload: the synthetic demo set (128² images, 2-4 instances each), a randomly initialised
-``vit_tiny_demo`` generator at 96² crops, on CPU. Both sides run the same code on the same
-images: ``exits.label.crop_images`` (decode + crop), ``MaskPredictor.predict`` (model) and
-``paste_masks`` (sigmoid, paste, threshold, RLE).
+Workload: the synthetic demo set (128² images, 2-4 instances each) and the generator the
+pretrained profiles ship, ``vit_small_dinov2`` (DINOv2 ViT-S/14 + MAL decoder) at 224² crops
+(random weights: the same compute, nothing to download), on CPU. Every side runs the same
+code on the same images: ``exits.label.crop_images`` (decode + crop), ``MaskPredictor.predict``
+(model), ``paste_masks`` (sigmoid, paste, threshold, RLE) and, in the pipeline, the shard
+commit.
 
-- bare loop: one process, one torch thread, no Ray;
-- Ray pipeline: ``label_instances`` with 1 actor (Ray started with 2 logical CPUs: the actor
-  plus one for the decode/paste tasks) and 2 actors (3 logical CPUs on this 2-core box).
-  The pipeline is held until the actors are up (``DataContext.wait_for_min_actors_s``), so
-  ``steady`` rates (after the first result) exclude worker/actor start-up and model load
-  without letting decode run ahead meanwhile; ``e2e`` rates include the start-up.
+- bare loop: one process, one torch thread, no Ray; it reports the per-stage split
+  (decode / model / paste seconds);
+- pools: ``label_instances`` on a local Ray with exactly ``os.cpu_count()`` logical CPUs (the
+  machine's real cores: no oversubscription). ``AxC`` = A actors reserving C CPUs each; each
+  actor runs ceil(C) torch threads; the decode/paste tasks reserve the CPUs left
+  (cores - A*C). Each pool labels one image (warm-up), a third of the images, then all of
+  them, in one Ray session; its rate is the *incremental* one,
+  (crops_all - crops_third) / (s_all - s_third): actor start-up, model load and pipeline
+  fill/drain cancel out, and the rate does not depend on how result batches bunch up on their
+  way to the driver (they do on 2 cores, which made the old "after the first result" rate
+  meaningless). ``e2e`` rates include everything.
+- ``--runs`` rounds (default 3), each: the bare loop, then every pool; a pool's ratio is its
+  incremental crops/s over the same round's bare crops/s. Reported: the median ratio per pool
+  and its spread (min, max), never the best round.
 - memory: peak RSS summed over the driver and the Ray worker processes (tasks, actors),
-  sampled every 0.2 s, for N and scale x N images (1 actor); Ray's daemons reported apart.
+  sampled every 0.2 s, for N and scale x N images (first pool); Ray's daemons reported apart.
 
 Prints progress, then one JSON object as the last line of stdout.
 """
@@ -24,8 +36,10 @@ Prints progress, then one JSON object as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -52,9 +66,9 @@ from exits.label import (  # noqa: E402
     paste_masks,
     read_instances,
 )
-from exits.model.generator import build_generator  # noqa: E402
+from exits.model.generator import GENERATORS, build_generator  # noqa: E402
 
-CROP_SIZE = 96
+CORES = os.cpu_count() or 1
 OBJECT_STORE = 300 * 1024**2
 RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # besides raylet, gcs_server, ...
 
@@ -68,22 +82,30 @@ def make_dataset(root: str, num_images: int) -> dict:
 
 
 def bare_loop(instances, images: str, checkpoint: str, crop: CropConfig, cfg: LabelConfig) -> dict:
-    """The same decode+crop, model and paste work in one process, no Ray."""
+    """The same decode+crop, model and paste work in one process, one thread, no Ray."""
     torch.set_num_threads(1)
     predictor = MaskPredictor(checkpoint, crop_size=crop.size)
     rows = image_rows(assign_shards(read_instances(instances), 1 << 30))
+    split = {"decode": 0.0, "model": 0.0, "paste": 0.0}
     t0, n = time.time(), 0
     pending: dict[str, list] = {}
 
     def flush(batch: dict[str, np.ndarray]) -> int:
+        t = time.perf_counter()
         crops = batch.pop("crop")
         batch["logits"] = predictor.predict(crops)
         batch["generator"] = np.full(len(crops), predictor.generator_id, dtype=object)
-        return paste_masks(batch, threshold=cfg.threshold).num_rows
+        t1 = time.perf_counter()
+        rows_out = paste_masks(batch, threshold=cfg.threshold).num_rows
+        split["model"] += t1 - t
+        split["paste"] += time.perf_counter() - t1
+        return rows_out
 
     for i in range(0, rows.num_rows, cfg.images_per_block):
+        t = time.perf_counter()
         out = crop_images(rows.slice(i, cfg.images_per_block), images=images, size=crop.size,
                           enlarge=crop.inference_enlarge)  # fmt: skip
+        split["decode"] += time.perf_counter() - t
         for k, v in out.items():
             pending.setdefault(k, []).append(v)
         while sum(len(v) for v in pending["ann_id"]) >= cfg.batch_size:
@@ -94,7 +116,8 @@ def bare_loop(instances, images: str, checkpoint: str, crop: CropConfig, cfg: La
     if pending and sum(len(v) for v in pending["ann_id"]):
         n += flush({k: np.concatenate(v) for k, v in pending.items()})
     seconds = time.time() - t0
-    return {"crops": n, "seconds": round(seconds, 2), "crops_per_s": round(n / seconds, 2)}
+    return {"crops": n, "seconds": round(seconds, 2), "crops_per_s": round(n / seconds, 2),
+            "split_s": {k: round(v, 2) for k, v in split.items()}}  # fmt: skip
 
 
 class RssSampler:
@@ -151,37 +174,52 @@ class RssSampler:
         self._thread.join()
 
 
-def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelConfig, num_cpus: int,
-            measure_rss: bool = False) -> dict:  # fmt: skip
+def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelConfig,
+            measure_rss: bool = False, small: dict | None = None) -> dict:  # fmt: skip
+    """``label_instances`` on ``ds`` in a fresh local Ray. With ``small`` (a subset, whose
+    ``"warmup"`` entry is a 1-image set run before it), that runs first in the same Ray session
+    and ``incremental_crops_per_s`` = extra crops / extra seconds of the full run: actor start-up, model load and pipeline fill/drain cancel out, and it does
+    not depend on how result batches are grouped when they reach the driver."""
     import ray
     import ray.data
 
     ray.init(
         address="local",
-        num_cpus=num_cpus,
+        num_cpus=CORES,  # the machine's real cores: no oversubscription
         object_store_memory=OBJECT_STORE,
         include_dashboard=False,
+        log_to_driver=False,
     )
-    # hold the pipeline until the actors are up: decode cannot run ahead during start-up, so
-    # the time after the first result is a fair steady state
-    ray.data.DataContext.get_current().wait_for_min_actors_s = 600
+    # hold the pipeline until the actors are up: decode cannot run ahead during start-up
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = 600
+    ctx.enable_progress_bars = False
     try:
         sampler = RssSampler() if measure_rss else None
         if sampler:
             sampler.__enter__()
+        first = None
+        if small is not None:  # a 1-image run first absorbs the session's one-off start-up
+            label_instances(small["warmup"]["instances"], small["warmup"]["images"], checkpoint,
+                            out + "-warmup", crop, cfg)  # fmt: skip
+            first = label_instances(small["instances"], small["images"], checkpoint, out + "-small",
+                                    crop, cfg)  # fmt: skip
         s = label_instances(ds["instances"], ds["images"], checkpoint, out, crop, cfg)
         if sampler:
             sampler.__exit__(None, None, None)
     finally:
         ray.shutdown()
-    steady = s["seconds"] - (s["first_result_s"] or 0.0)
     result = {
         "crops": s["crops"],
         "seconds": s["seconds"],
         "first_result_s": s["first_result_s"],
+        "commit_s": s.get("commit_s"),
         "e2e_crops_per_s": s["crops_per_s"],
-        "steady_crops_per_s": round(s["crops"] / steady, 2) if steady > 0 else None,
     }
+    if first is not None:
+        extra_s, extra = s["seconds"] - first["seconds"], s["crops"] - first["crops"]
+        result["small"] = {k: first[k] for k in ("crops", "seconds", "first_result_s")}
+        result["incremental_crops_per_s"] = round(extra / extra_s, 3) if extra_s > 0 else None
     if sampler:
         result["peak_rss_mb"] = round(sampler.peak / 2**20, 1)  # driver + workers
         result["peak_private_mb"] = round(sampler.peak_private / 2**20, 1)
@@ -191,82 +229,121 @@ def ray_run(ds: dict, checkpoint: str, out: str, crop: CropConfig, cfg: LabelCon
     return result
 
 
-def throughput(
-    root: str, num_images: int, checkpoint: str, crop: CropConfig, cfg1: LabelConfig,
-    cfg2: LabelConfig,
-) -> dict:  # fmt: skip
-    """Bare loop (before and after, the box is shared), Ray with 1 and 2 actors."""
+def pool_config(spec: str, batch_size: int) -> LabelConfig:
+    """``"AxC"``: A actors x C CPUs each; decode/paste tasks get the cores left over."""
+    actors, cpus = spec.split("x")
+    n, c = int(actors), float(cpus)
+    left = CORES - n * c
+    if left <= 0:
+        raise ValueError(f"pool {spec} leaves no CPU of {CORES} for decode/paste")
+    return LabelConfig(batch_size=batch_size, num_actors=n, cpus_per_actor=c,
+                       cpus_per_task=left, images_per_block=8)  # fmt: skip
+
+
+def throughput(root: str, num_images: int, checkpoint: str, crop: CropConfig,
+               pools: dict[str, LabelConfig], runs: int) -> dict:  # fmt: skip
+    """``runs`` rounds of: bare loop, every pool. Median ratio per pool and its spread."""
     ds = make_dataset(root, num_images)
-    print(f"[bench] {num_images} images, {ds['instances'].num_rows} instances", flush=True)
-    bare = bare_loop(ds["instances"], ds["images"], checkpoint, crop, cfg1)
-    print(f"[bench] bare loop: {bare}", flush=True)
-    one = ray_run(ds, checkpoint, os.path.join(root, "run1"), crop, cfg1, num_cpus=2)
-    print(f"[bench] ray 1 actor: {one}", flush=True)
-    two = ray_run(ds, checkpoint, os.path.join(root, "run2"), crop, cfg2, num_cpus=3)
-    print(f"[bench] ray 2 actors: {two}", flush=True)
-    bare_again = bare_loop(ds["instances"], ds["images"], checkpoint, crop, cfg1)
-    print(f"[bench] bare loop again: {bare_again}", flush=True)
-    bare_rate = (bare["crops_per_s"] + bare_again["crops_per_s"]) / 2
-
-    def ratio(a: float | None) -> float | None:
-        return round(a / bare_rate, 3) if a else None
-
+    small = make_dataset(root, max(1, num_images // 3))
+    small["warmup"] = make_dataset(root, 1)
+    print(f"[bench] {num_images} images, {ds['instances'].num_rows} instances "
+          f"(subset {small['instances'].num_rows}), {CORES} cores", flush=True)  # fmt: skip
+    first = next(iter(pools.values()))
+    rounds = []
+    for r in range(runs):
+        bare = bare_loop(ds["instances"], ds["images"], checkpoint, crop, first)
+        print(f"[bench] round {r}: bare loop {bare}", flush=True)
+        entry = {"bare": bare, "pools": {}}
+        for name, cfg in pools.items():
+            res = ray_run(ds, checkpoint, os.path.join(root, f"run{r}-{name}"), crop, cfg,
+                          small=small)  # fmt: skip
+            rate = res["incremental_crops_per_s"]
+            # above cores x the one-core loop is impossible: the start-up swing exceeded the
+            # extra work (a loaded machine); such a round gives no ratio
+            if rate and rate > 1.5 * CORES * bare["crops_per_s"]:
+                res["unreliable"], rate = True, None
+            res["ratio"] = round(rate / bare["crops_per_s"], 3) if rate else None
+            print(f"[bench] round {r}: pool {name}: {res}", flush=True)
+            entry["pools"][name] = res
+        rounds.append(entry)
+    summary = {}
+    for name in pools:
+        ratios = [e["pools"][name]["ratio"] for e in rounds if e["pools"][name]["ratio"]]
+        rates = [e["pools"][name]["incremental_crops_per_s"] for e in rounds]
+        summary[name] = {
+            "ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+            "ratio_spread": [min(ratios), max(ratios)] if ratios else None,
+            "crops_per_s_median": round(statistics.median([x for x in rates if x] or [0]), 2),
+        }
+    bare_rates = [e["bare"]["crops_per_s"] for e in rounds]
+    best = max(summary, key=lambda k: summary[k]["ratio_median"] or 0)
     return {
-        "ratio_1_actor": ratio(one["steady_crops_per_s"]),
-        "ratio_2_actors": ratio(two["steady_crops_per_s"]),
-        "ratio_1_actor_e2e": ratio(one["e2e_crops_per_s"]),
-        "ratio_2_actors_e2e": ratio(two["e2e_crops_per_s"]),
-        "bare_crops_per_s": round(bare_rate, 2),
-        "bare_runs": [bare, bare_again],
-        "ray_1_actor": one,
-        "ray_2_actors": two,
+        "best_pool": best,
+        "best_ratio_median": summary[best]["ratio_median"],
+        "pools": summary,
+        "bare_crops_per_s_median": round(statistics.median(bare_rates), 2),
+        "bare_split_s": rounds[-1]["bare"]["split_s"],
+        "rounds": rounds,
     }
+
+
+def save_generator(path: str, name: str, size: int) -> None:
+    """A randomly initialised generator (same compute as trained weights, nothing to fetch)."""
+    kw = {"img_size": size}
+    if "pretrained" in inspect.signature(GENERATORS[name]).parameters:
+        kw["pretrained"] = False
+    save_model(path, build_generator(name, **kw), name, "generator", kw)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=240, help="images for the throughput runs")
-    p.add_argument("--rss-images", type=int, default=60, help="base images for the RSS runs")
+    p.add_argument("--images", type=int, default=120, help="images for the throughput runs")
+    p.add_argument("--runs", type=int, default=3, help="rounds; the median ratio is reported")
+    p.add_argument("--pools", default="1x1,1x1.5,2x0.75",
+                   help="comma-separated AxC: A actors x C CPUs each (within the real cores)")  # fmt: skip
+    p.add_argument("--rss-images", type=int, default=20, help="base images for the RSS runs")
     p.add_argument("--scale", type=int, default=10, help="dataset growth for the RSS runs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rss-only", action="store_true", help="skip the throughput runs")
-    p.add_argument("--generator", default="vit_tiny_demo", help="GENERATORS key")
-    p.add_argument("--crop-size", type=int, default=CROP_SIZE)
+    p.add_argument("--no-rss", action="store_true", help="skip the RSS runs")
+    p.add_argument("--generator", default="vit_small_dinov2", help="GENERATORS key")
+    p.add_argument("--crop-size", type=int, default=224)
     args = p.parse_args()
 
     root = tempfile.mkdtemp(prefix="exits-bench-label-")
     torch.manual_seed(0)
     checkpoint = os.path.join(root, "generator.pt")
     size = args.crop_size
-    save_model(checkpoint, build_generator(args.generator, img_size=size), args.generator,
-               "generator", {"img_size": size})  # fmt: skip
+    save_generator(checkpoint, args.generator, size)
     crop = CropConfig(size=size)
-    cfg1 = LabelConfig(batch_size=args.batch_size, num_actors=1, images_per_block=8)
-    cfg2 = LabelConfig(batch_size=args.batch_size, num_actors=2, images_per_block=8)
+    pools = {spec: pool_config(spec, args.batch_size) for spec in args.pools.split(",")}
     out: dict = {}
     if not args.rss_only:
-        out = throughput(root, args.images, checkpoint, crop, cfg1, cfg2)
-
-    small = make_dataset(root, args.rss_images)
-    big = make_dataset(root, args.rss_images * args.scale)
-    rss_small = ray_run(
-        small, checkpoint, os.path.join(root, "rss1"), crop, cfg1, 2, measure_rss=True
-    )
-    print(f"[bench] rss {args.rss_images} images: {rss_small}", flush=True)
-    rss_big = ray_run(big, checkpoint, os.path.join(root, "rss10"), crop, cfg1, 2, measure_rss=True)
-    print(f"[bench] rss {args.rss_images * args.scale} images: {rss_big}", flush=True)
-
+        out = throughput(root, args.images, checkpoint, crop, pools, args.runs)
+    rss: dict = {}
+    if not args.no_rss:
+        rss_cfg = next(iter(pools.values()))
+        small = make_dataset(root, args.rss_images)
+        big = make_dataset(root, args.rss_images * args.scale)
+        rss_small = ray_run(small, checkpoint, os.path.join(root, "rss1"), crop, rss_cfg, True)
+        print(f"[bench] rss {args.rss_images} images: {rss_small}", flush=True)
+        rss_big = ray_run(big, checkpoint, os.path.join(root, "rss10"), crop, rss_cfg, True)
+        print(f"[bench] rss {args.rss_images * args.scale} images: {rss_big}", flush=True)
+        rss = {
+            "rss_growth": round(rss_big["peak_rss_mb"] / rss_small["peak_rss_mb"] - 1.0, 3),
+            "private_growth": round(rss_big["peak_private_mb"] / rss_small["peak_private_mb"] - 1, 3),
+            "rss_small": {"images": args.rss_images, **rss_small},
+            "rss_big": {"images": args.rss_images * args.scale, **rss_big},
+        }  # fmt: skip
     print(json.dumps({
-        **{k: out.get(k) for k in ("ratio_1_actor", "ratio_2_actors")},
-        "rss_growth": round(rss_big["peak_rss_mb"] / rss_small["peak_rss_mb"] - 1.0, 3),
-        "private_growth": round(rss_big["peak_private_mb"] / rss_small["peak_private_mb"] - 1, 3),
+        **{k: out.get(k) for k in ("best_pool", "best_ratio_median")},
+        **{k: rss.get(k) for k in ("rss_growth", "private_growth")},
         **out,
-        "rss_small": {"images": args.rss_images, **rss_small},
-        "rss_big": {"images": args.rss_images * args.scale, **rss_big},
+        **rss,
         "generator": args.generator,
         "crop_size": size,
         "batch_size": args.batch_size,
-        "cpus": os.cpu_count(),
+        "cores": CORES,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }))  # fmt: skip
 

@@ -4,12 +4,16 @@ Usage:
     python bench/retrieval.py [--device cpu|cuda] [--n 1024] [--batch 32] [--repeats 5]
 
 Times are best-of-``repeats``. Prints progress lines, then ONE JSON object as the last stdout line:
-    {"speedup": dense_ms / batched_ms, "batched_ms": …, "dense_ms": …, "max_abs_diff": …,
+    {"speedup_1_thread": …, "speedup_all_threads": …, "threads_all": …, "labels_equal": …,
+     "by_threads": {"1": {"batched_ms", "dense_ms", "speedup", "retrieve_eq2_5_ms", …}, "2": …},
      "crf_ms": {"pydensecrf": {"128": …, "512": …}, "torch": {"128": …, "512": …}}, …}
-Batched = ``exits.method.retrieval.retrieve_from_transition`` (3 batched vector–matrix products
-+ thresholds; the very function training's ``retrieve`` calls after Eq. 2) on the whole batch;
-dense = per crop ``torch.linalg.matrix_power(T, 3)``, row means over P_FG / P_BG and the same
-thresholds. Both in one run on the same T.
+Batched = ``exits.method.retrieval.retrieve_from_transition`` (Eq. 3-5: 3 batched vector-matrix
+products + thresholds), the very function training's ``retrieve`` (train/steps.py
+``generator_loss``) calls after Eq. 2, on the whole batch; dense = per crop
+``torch.linalg.matrix_power(T, 3)``, row means over P_FG / P_BG and the same thresholds. Both in
+one run on the same T, first with one torch thread, then with all (``os.cpu_count()``); the goal
+(>= 50x) is the one-thread figure. ``retrieve_eq2_5_ms`` times ``retrieve`` itself (Sinkhorn +
+Eq. 3-5), as training calls it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from exits.method.crf import build_crf  # noqa: E402
 from exits.method.retrieval import (  # noqa: E402
     GridGeometry,
     label_points,
+    retrieve,
     retrieve_from_transition,
     scale_thresholds,
     transition_matrix,
@@ -97,6 +102,8 @@ def dense_retrieve(T, fg, bg, in_box, tau_fg, tau_bg):
 
 
 def bench_retrieval(args, device: torch.device) -> dict:
+    """Eq. 3-5 (``retrieve_from_transition``) batched vs dense per crop, same T, one thread
+    count (the caller sets it); plus Eq. 2-5 as training calls it (``retrieve``: Sinkhorn too)."""
     T, fg, bg, in_box = make_inputs(args.n, args.batch, device, args.seed)
     grid = math.isqrt(args.n)
     if grid * grid != args.n:
@@ -107,16 +114,35 @@ def bench_retrieval(args, device: torch.device) -> dict:
     dense_ms = timed_ms(
         lambda: dense_retrieve(T, fg, bg, in_box, tau_fg, tau_bg), device, max(1, args.repeats // 2)
     )
+    sim = torch.rand(args.batch, args.n, args.n, generator=torch.Generator().manual_seed(1))
+    full_ms = timed_ms(lambda: retrieve(sim.to(device), geo, RCFG), device, 1)
     fast = retrieve_from_transition(T.double(), geo, RCFG)
     slow = dense_retrieve(T.double(), fg, bg, in_box, tau_fg, tau_bg)
-    print(f"retrieval: batched {batched_ms:.1f} ms, dense {dense_ms:.1f} ms", flush=True)
+    threads = torch.get_num_threads()
+    print(f"retrieval, {threads} thread(s): batched {batched_ms:.1f} ms, dense {dense_ms:.1f} ms, "
+          f"x{dense_ms / batched_ms:.1f}; training's retrieve (Eq. 2-5) {full_ms:.1f} ms", flush=True)  # fmt: skip
     return {
         "batched_ms": round(batched_ms, 2),
         "dense_ms": round(dense_ms, 2),
         "speedup": round(dense_ms / batched_ms, 1),
         "labels_equal": bool(torch.equal(fast, slow)),
         "batched_ms_per_crop": round(batched_ms / args.batch, 3),
+        "retrieve_eq2_5_ms": round(full_ms, 2),
     }
+
+
+def bench_threads(args, device: torch.device) -> dict:
+    """``bench_retrieval`` at one thread and at all threads (CPU); the goal is the 1-thread one."""
+    counts = [1] if device.type == "cuda" else sorted({1, os.cpu_count() or 1})
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for k in counts:
+            torch.set_num_threads(k)
+            out[str(k)] = bench_retrieval(args, device)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def step_edge(size: int, device: torch.device):
@@ -156,7 +182,15 @@ def main() -> None:
         "batch": args.batch,
         "hops": HOPS,
     }
-    result.update(bench_retrieval(args, device))
+    per_threads = bench_threads(args, device)
+    one, most = per_threads["1"], per_threads[max(per_threads, key=int)]
+    result.update(
+        speedup_1_thread=one["speedup"],
+        speedup_all_threads=most["speedup"],
+        threads_all=int(max(per_threads, key=int)),
+        labels_equal=all(r["labels_equal"] for r in per_threads.values()),
+        by_threads=per_threads,
+    )
     result["crf_ms"] = bench_crf(args, device)
     print(json.dumps(result))
 

@@ -122,7 +122,10 @@ class TrainConfig:
     # declare it (cloud profiles: train_node, only the gpu_train type of cluster/*.yaml has it)
     node_resource: str = ""
     amp: bool = True  # bf16 autocast on GPU only
-    max_failures: int = 1
+    # worker-group restarts (each resumes from the last checkpoint): one spurious restart (Ray
+    # 2.60's placement-group cleaner can mistake a live controller for a dead one under load)
+    # plus one real fault
+    max_failures: int = 2
     checkpoint_every: int = 50  # steps
     seed: int = 0
     fail_at_step: int = -1  # fault injection (tests): a worker exits at this step once
@@ -135,7 +138,8 @@ class LabelConfig:
     batch_size: int = 32  # crops per model batch
     num_actors: int = 1  # fixed-size actor pool (autoscaling GPU pools can stall, ray#59144)
     gpus_per_actor: float = 0.0  # 1 on GPU clusters
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # the actor's torch threads = ceil(this) (on CPU)
+    cpus_per_task: float = 1.0  # decode/crop and paste tasks; the cores left by the actors
     threshold: float = 0.5  # probability threshold after paste-back
     use_gpu: bool = False
     logical_gpus: bool = False  # with use_gpu: request gpus_per_actor but run torch on CPU
@@ -162,6 +166,7 @@ class Stage2Config:
     use_gpu: bool = False
     node_resource: str = ""  # custom resource each worker asks 0.001 of (as TrainConfig's)
     image_size: int = 0  # cpu_small resize (0: profile default)
+    max_failures: int = 2  # worker-group restarts, each resuming (see TrainConfig)
 
 
 @dataclass

@@ -6,6 +6,7 @@ Usage:
     ray job submit --working-dir . -- python jobs/pipeline.py --dataset lvis \
         --output s3://my-bucket/exits-runs/lvis
     python jobs/pipeline.py --dataset coco --output s3://b/run --set generator.epochs=5
+    python jobs/pipeline.py --dataset demo --verbose      # Ray's own output on the console too
 
 ``--dataset`` is demo | coco | lvis | voc or a path to a dataset YAML. Re-running with the same
 output skips finished stages (manifests) and resumes unfinished ones.
@@ -14,7 +15,6 @@ output skips finished stages (manifests) and resumes unfinished ones.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--s3-endpoint", default=None, help="S3 endpoint override (else $EXITS_S3_ENDPOINT)"
     )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs to use")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output on the console too (else it goes to <output>/logs/)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -60,30 +62,22 @@ def main(argv: list[str] | None = None) -> int:
             f"--quick is the tiny demo profile (demo_quick.yaml); it has no {args.dataset!r} "
             "variant: drop --quick or pass --set overrides"
         )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dataset = "demo_quick" if args.quick else args.dataset
     cfg = load_config(dataset, args.overrides)  # every value checked here, before Ray
-    import ray
-
     from exits import storage
+    from exits.console import run_console
     from exits.pipeline import abspath_if_local, run_pipeline, summary_line
 
     if args.s3_endpoint:
         storage.configure_s3(endpoint=args.s3_endpoint)
     output = abspath_if_local(args.output or os.path.join("runs", cfg.data.name))
     # Under `ray job submit` RAY_ADDRESS is set and this connects to the cluster; otherwise a
-    # local Ray instance is started.
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    try:
+    # local Ray instance is started. Quiet console unless --verbose (exits/console.py).
+    with run_console(output, verbose=args.verbose, num_cpus=args.num_cpus):
         results = run_pipeline(
             cfg, output, stages=args.stages, from_stage=args.from_stage, force=args.force
         )
-    finally:
-        ray.shutdown()
     print(summary_line(results, output))
     return 0
 

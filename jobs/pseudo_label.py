@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor, bf16 autocast")
     p.add_argument("--threshold", type=float, help="mask probability threshold")
     p.add_argument("--crop-size", type=int, help="S (default: the generator's input size)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own output on the console too")
     p.add_argument(
         "overrides", nargs="*", help="extra config overrides, e.g. label.images_per_block=16"
     )
@@ -85,14 +86,19 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from contextlib import nullcontext
+
     import ray
+
+    from exits.console import run_console
 
     args = parse_args(argv)
     cfg = build_config(args)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else local
-    try:
+    # joins the cluster when RAY_ADDRESS is set (ray job submit), else a quiet local Ray
+    console = (
+        nullcontext() if ray.is_initialized() else run_console(args.output, verbose=args.verbose)
+    )
+    with console:
         check_cluster(cfg, ["label"])  # requests no node type can hold fail now, not hang
         # prepare as Ray Data tasks over image shards; images are decoded once, in the label
         # stage (check_files=False); the instance table is a directory of Parquet parts
@@ -105,9 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
             instances, args.images, args.checkpoint, args.output, cfg.crop, cfg.label,
             upstream_errors=read_table(errors),
         )  # fmt: skip
-    finally:
-        if started_ray:
-            ray.shutdown()
     export_uri = manifest.stage_uri(args.output, STAGE, EXPORT_NAME)
     exported = export_coco(
         manifest.stage_uri(args.output, STAGE, "masks"), args.annotations, export_uri

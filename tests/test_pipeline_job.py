@@ -171,3 +171,7 @@ def test_submit_kill_during_1b_resubmit_finishes(ray_head):
     assert 0.0 <= metrics["pseudo_label_miou"]["all"]["miou"] <= 1.0
     assert os.path.exists(os.path.join(output, "report", "index.html"))
     assert '"output"' in stdout
+    # the job log reads like the local console: stages and progress lines, not Ray's noise
+    assert "stage generator: running" in stdout and "1b  " in stdout and "1c  done" in stdout
+    for noise in ("TrainingReport", "PlacementGroupCleaner", "core_worker.cc"):
+        assert noise not in stdout, noise

@@ -29,8 +29,10 @@ from exits.label.plan import (
 )
 from exits.label.stages import build_dataset
 from exits.model.generator import OUTPUT_STRIDE
+from exits.progress import Progress
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("exits.progress")
 
 
 class InjectedFault(RuntimeError):
@@ -92,7 +94,9 @@ def label_instances(
     Returns:
         {"instances", "masks", "errors", "prepare_errors", "empty_masks", "crops", "shards",
          "shards_skipped", "shards_written", "seconds", "first_result_s" (actor start-up and
-         pipeline fill), "crops_per_s" (this run's crops / seconds), "generator", "output"}
+         pipeline fill), "first_result_rows" (rows of that first result batch), "commit_s"
+         (driver time committing), "crops_per_s" (this run's crops / seconds), "generator",
+         "output"}
     """
     _validate(crop, cfg)
     if shard_images is None:
@@ -135,7 +139,8 @@ def label_instances(
     shards = table["shard"].to_numpy()
     todo = table.filter(pa.array(~np.isin(shards, sorted(done))))
     committer = ShardCommitter(output, expected_ids(todo))
-    t0, first_result = time.time(), None
+    t0, first_result, first_rows, commit_s = time.time(), None, 0, 0.0
+    progress = Progress("1c", todo.num_rows, unit="rows", rate_unit="crops/s")
     if todo.num_rows:
         ds = build_dataset(
             image_rows(todo),
@@ -147,11 +152,17 @@ def label_instances(
         )
         for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow"), 1):
             if first_result is None:
-                first_result = time.time() - t0
+                first_result, first_rows = time.time() - t0, batch.num_rows
+            t_commit = time.time()
             committer.add(batch)
+            commit_s += time.time() - t_commit
+            line = progress.update(progress.done + batch.num_rows)
+            if line:
+                progress_log.info(line)
             if 0 < cfg.fail_after_batches <= n:
                 raise InjectedFault(f"fault injection: stopping after {n} result batches")
     committer.check_complete()
+    progress_log.info(progress.summary())
     seconds = time.time() - t0
     counts = verify_outputs(output, table, upstream_errors)
     summary = {
@@ -162,6 +173,8 @@ def label_instances(
         "shards_written": len(committer.committed),
         "seconds": round(seconds, 3),
         "first_result_s": round(first_result, 3) if first_result is not None else None,
+        "first_result_rows": first_rows,
+        "commit_s": round(commit_s, 3),  # driver time spent committing result batches
         "crops_per_s": round(committer.counts["crops"] / seconds, 2) if seconds > 0 else 0.0,
         "generator": gen_id,
         "output": stage_dir,

@@ -119,6 +119,18 @@ class MaskPredictor:
         return self.predict_torch(torch.from_numpy(np.ascontiguousarray(crops))).cpu().numpy()
 
 
+def reserved_threads() -> int:
+    """ceil(CPUs Ray assigned to this actor/task), at least 1 (1 outside Ray)."""
+    import math
+
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, math.ceil(cpus - 1e-9))
+
+
 class GeneratorStage:
     """Ray Data actor stage: loads the generator once, maps crop rows to logit rows.
 
@@ -133,12 +145,12 @@ class GeneratorStage:
         crop_size: int,
         expected_id: str | None = None,
         use_gpu: bool = False,
-        num_threads: int = 1,
+        num_threads: int | None = None,
     ) -> None:
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("LabelConfig.use_gpu is set but this actor sees no CUDA device")
-        if not use_gpu:
-            torch.set_num_threads(max(1, num_threads))
+        if not use_gpu:  # torch/OpenMP threads = the CPUs this actor reserved
+            torch.set_num_threads(num_threads or reserved_threads())
         self.predictor = MaskPredictor(
             checkpoint, crop_size=crop_size, device="cuda" if use_gpu else "cpu"
         )
@@ -244,6 +256,7 @@ def build_dataset(
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
         memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
+        num_cpus=cfg.cpus_per_task,
         **pin,
     )
     ds = ds.map_batches(
@@ -253,7 +266,6 @@ def build_dataset(
             "crop_size": crop.size,
             "expected_id": generator_id,
             "use_gpu": cfg.use_gpu and not cfg.logical_gpus,  # logical GPUs: torch on CPU
-            "num_threads": int(max(1, round(cfg.cpus_per_actor))),
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -267,5 +279,6 @@ def build_dataset(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_kwargs={"threshold": cfg.threshold},
+        num_cpus=cfg.cpus_per_task,
         **pin,
     )

@@ -27,7 +27,7 @@ def _fit_actor_pool(label_cfg):
     if label_cfg.use_gpu or label_cfg.gpus_per_actor > 0:
         return label_cfg
     cpus = ray.cluster_resources().get("CPU", 0)
-    fit = int((cpus - 1) // max(label_cfg.cpus_per_actor, 1e-9))
+    fit = int((cpus - label_cfg.cpus_per_task) // max(label_cfg.cpus_per_actor, 1e-9))
     if 0 < fit < label_cfg.num_actors:
         log.warning("label: %d CPU actor(s) on a %g-CPU cluster would starve decoding; using %d",
                     label_cfg.num_actors, cpus, fit)  # fmt: skip

@@ -18,6 +18,7 @@ from exits.pipeline.label import run_label
 from exits.pipeline.prepare import run_prepare
 from exits.pipeline.stage2 import run_stage2
 from exits.pipeline.train import run_generator, run_warmup
+from exits.progress import format_duration
 
 log = logging.getLogger("exits.pipeline")
 
@@ -84,7 +85,7 @@ def run_pipeline(
         log.info("stage %s: running", stage)
         t = time.time()
         results[stage] = STAGE_FUNCS[stage](cfg, output, fps[stage])
-        log.info("stage %s: finished in %.1f s", stage, time.time() - t)
+        log.info("stage %s: finished in %s", stage, format_duration(time.time() - t))
     return results
 
 

@@ -20,6 +20,7 @@ from mmengine.config import Config
 
 from exits import storage
 from exits.compat import lvis_numpy_compat
+from exits.stage2.logs import forward_iteration_lines
 from exits.stage2.report_hook import CKPT_META, LOCAL_WORK_PREFIX, RayTrainReportHook
 from exits.stage2.safe_globals import register_mmengine_safe_globals
 
@@ -130,6 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float] | None:
             logger.info("stage 2 on %d workers, resume from %s", ctx.get_world_size(), resume_from)
 
         runner = Runner.from_cfg(cfg)
+        if rank == 0:  # iteration/ETA lines to the driver's console (exits/stage2/logs.py)
+            forward_iteration_lines(runner.logger)
         hook = RayTrainReportHook(run_dir=config.get("run_dir"))
         runner.register_hook(hook)
         runner.train()

@@ -11,6 +11,7 @@ cosine decay, bf16 autocast on GPU. Every ``checkpoint_every`` steps rank 0 writ
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -34,11 +35,13 @@ from exits.model.generator import (
     make_teacher,
     shares_frozen_encoder,
 )
+from exits.progress import Progress, emit
 from exits.train.data import CropDataset, CropSpec
 from exits.train.steps import generator_loss, to_device, warmup_loss
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+STAGE_TAGS = {"warmup": "1a", "generator": "1b"}  # how progress lines name the stage
 
 
 def _model_kwargs(model_cfg: ModelConfig, crop: CropConfig) -> dict:
@@ -200,6 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
+    progress = Progress(STAGE_TAGS[stage], total, start=step)  # rank 0 prints it
     while step < total:
         loader = _loader(dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers)
         for batch in loader:
@@ -233,10 +238,17 @@ def train_loop_per_worker(config: dict) -> None:
                 )
                 history.append(logs)
                 t_last, n_last = now, 0
+                line = progress.update(
+                    step, {"epoch": f"{epoch + 1}/{epochs}"}, {"loss": logs["loss"]}
+                )
+                if line:
+                    emit(line)
             if step % tcfg.checkpoint_every == 0 and step < total:
                 save_and_report({"loss": logs["loss"]})
         epoch += 1
     save_and_report({"loss": last_loss}, final=True)
+    if rank == 0:
+        emit(progress.summary({"loss": last_loss}))
 
 
 def loop_config(stage: str, instances: str, images: str, crop: CropConfig, model: ModelConfig, retrieval: RetrievalConfig,
