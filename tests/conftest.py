@@ -37,6 +37,39 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return write_demo_dataset(str(out), num_images=16, image_size=96, seed=0)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A small local Ray (2 CPUs, 200 MB object store) for one test module; stops only itself."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised vit_tiny_demo generator checkpoint (96² crops, seed 0)."""
+    import torch
+
+    from exits.checkpoints import save_model
+    from exits.model.generator import build_generator
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt") / "generator.pt")
+    save_model(
+        path, build_generator("vit_tiny_demo"), "vit_tiny_demo", "generator", {"img_size": 96}
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def coco128() -> str:
     if not os.path.exists(os.path.join(SHARED_COCO, "instances_train2017.json")):

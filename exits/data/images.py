@@ -17,10 +17,12 @@ Rules every stage follows (labelling, training crops, report, and stage 2 via
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
 import warnings
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -148,9 +150,16 @@ def decode_image(
 def read_image_bytes(uri: str, name: str | None = None) -> bytes:
     """The bytes at ``uri``; a missing file raises :class:`ImageError` (:data:`NOT_FOUND`,
     naming ``name``, default the URI)."""
-    name = uri if name is None else name
-    try:
+    with _read_errors(uri if name is None else name):
         return storage.read_bytes(uri)
+
+
+@contextlib.contextmanager
+def _read_errors(name: str) -> Iterator[None]:
+    """Turn a failed read into :class:`ImageError`: a missing file (local or s3) is
+    :data:`NOT_FOUND` naming ``name``; any other failure names only the error's type."""
+    try:
+        yield
     except FileNotFoundError as e:
         raise ImageError(f"{NOT_FOUND}: {name}") from e
     except OSError as e:
@@ -192,17 +201,9 @@ def read_image_size(
     (``expected`` (H, W)) files cheaply; pixel data errors (a truncated JPEG body) surface when
     the labeller decodes the image. A missing file's reason names ``name`` (default the URI).
     """
-    name = uri if name is None else name
-    try:
+    with _read_errors(uri if name is None else name):
         fs, path = storage.get_filesystem(uri)
         with fs.open_input_file(path) as f:
             header = image_header_size(f)
-    except FileNotFoundError as e:
-        raise ImageError(f"{NOT_FOUND}: {name}") from e
-    except OSError as e:
-        text = str(e).lower()
-        if "not found" in text or "does not exist" in text or "is a directory" in text:
-            raise ImageError(f"{NOT_FOUND}: {name}") from e
-        raise ImageError(f"cannot read image {name}: {type(e).__name__}") from e
     check_size(header, expected, max_pixels)
     return header[0], header[1]

@@ -17,31 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A randomly initialised vit_tiny_demo generator (96² crops)."""
-    import torch
-
-    from exits.checkpoints import save_model
-    from exits.model.generator import build_generator
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt") / "generator.pt")
-    save_model(
-        path, build_generator("vit_tiny_demo"), "vit_tiny_demo", "generator", {"img_size": 96}
-    )
-    return path
+def checkpoint(tiny_generator_ckpt) -> str:
+    return tiny_generator_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -38,32 +38,13 @@ def small_cfg(**kw) -> LabelConfig:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(moto_server):
-    """A small local Ray cluster started after the moto env is set (workers inherit it)."""
-    ray = pytest.importorskip("ray")
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def ray_cluster(moto_server, ray_local):
+    """Local Ray started after the moto env is set (workers inherit it)."""
 
 
 @pytest.fixture(scope="module")
-def generator_ckpt(tmp_path_factory) -> str:
-    """A randomly initialised vit_tiny_demo generator (96² crops)."""
-    import torch
-
-    from exits.checkpoints import save_model
-    from exits.model.generator import build_generator
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt") / "generator.pt")
-    save_model(
-        path, build_generator("vit_tiny_demo"), "vit_tiny_demo", "generator", {"img_size": 96}
-    )
-    return path
+def generator_ckpt(tiny_generator_ckpt) -> str:
+    return tiny_generator_ckpt
 
 
 def decode(row: dict) -> np.ndarray:

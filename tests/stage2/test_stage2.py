@@ -23,18 +23,8 @@ IMAGE_SIZE = 96  # the session demo set's image side
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=200 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
+def ray_cluster(ray_local):
+    """The shared local Ray (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -110,12 +110,8 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False
-    )
-    yield
-    ray.shutdown()
+def ray_cluster(ray_local):
+    """The shared local Ray (tests/conftest.py)."""
 
 
 def _cfgs(**train):
