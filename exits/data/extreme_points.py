@@ -17,6 +17,7 @@ The protocol (ExtremeNet, ``tools/gen_coco_extreme_points.py``), re-implemented:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-def _run_indices(coord: np.ndarray, start: int, tol: float, sign: float) -> list[int]:
+def _run_indices(coord: Sequence[float], start: int, tol: float, sign: float) -> list[int]:
     """Indices of the run around ``start`` whose ``sign * (coord - coord[start]) <= tol``.
 
     ``sign`` = +1 for a minimum (top/left), -1 for a maximum (bottom/right).
@@ -89,27 +90,15 @@ def _extreme_points_small(pts: list[list[float]]) -> np.ndarray:
     x_min, x_max, y_min, y_max = min(xs), max(xs), min(ys), max(ys)
     w, h = x_max - x_min + 1, y_max - y_min + 1
 
-    def run(coord: list[float], start: int, tol: float, sign: float) -> list[int]:
-        ref, idxs = coord[start], [start]
-        k = start + 1
-        while k < len(coord) and sign * (coord[k] - ref) <= tol:
-            idxs.append(k)
-            k += 1
-        k = start - 1
-        while k >= 0 and sign * (coord[k] - ref) <= tol:
-            idxs.append(k)
-            k -= 1
-        return idxs
-
     def mid(coord: list[float], idxs: list[int]) -> float:
         values = [coord[i] for i in idxs]
         return (max(values) + min(values)) // 2
 
     # list.index finds the first arg-extreme, as np.argmin / np.argmax do
-    top = run(ys, ys.index(y_min), EXTREME_RUN_TOLERANCE * h, +1.0)
-    bottom = run(ys, ys.index(y_max), EXTREME_RUN_TOLERANCE * h, -1.0)
-    left = run(xs, xs.index(x_min), EXTREME_RUN_TOLERANCE * w, +1.0)
-    right = run(xs, xs.index(x_max), EXTREME_RUN_TOLERANCE * w, -1.0)
+    top = _run_indices(ys, ys.index(y_min), EXTREME_RUN_TOLERANCE * h, +1.0)
+    bottom = _run_indices(ys, ys.index(y_max), EXTREME_RUN_TOLERANCE * h, -1.0)
+    left = _run_indices(xs, xs.index(x_min), EXTREME_RUN_TOLERANCE * w, +1.0)
+    right = _run_indices(xs, xs.index(x_max), EXTREME_RUN_TOLERANCE * w, -1.0)
     out = [[mid(xs, top), y_min], [x_min, mid(ys, left)],
            [mid(xs, bottom), y_max], [x_max, mid(ys, right)]]  # fmt: skip
     return np.array(out, dtype=np.float64).astype(np.int32)

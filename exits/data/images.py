@@ -77,16 +77,23 @@ def image_uri(root: str, file_name: str) -> str:
 def image_header_size(data: bytes | BinaryIO) -> tuple[int, int, int]:
     """(height, width, EXIF orientation) from the header (bytes or an open binary file),
     without decoding pixels."""
+    with _decode_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
+            except Exception:  # noqa: BLE001 - a broken EXIF block is not an image error
+                orientation = 1
+            return int(h), int(w), orientation
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Turn PIL's failures into :class:`ImageError`: a decompression bomb, an unrecognised
+    format, or corrupt/truncated data."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-                w, h = im.size
-                try:
-                    orientation = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
-                except Exception:  # noqa: BLE001 - a broken EXIF block is not an image error
-                    orientation = 1
-                return int(h), int(w), orientation
+        yield
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from e
     except UnidentifiedImageError as e:
@@ -127,7 +134,7 @@ def decode_image(
     truncated file or a decompression bomb raises :class:`ImageError`.
     """
     check_size(image_header_size(data), expected, max_pixels)
-    try:
+    with _decode_errors():
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # full decode: truncated JPEG/PNG data raises here
             mode = im.mode
@@ -139,12 +146,6 @@ def decode_image(
             if mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im, dtype=np.uint8).copy()
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageError("corrupt image: not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"corrupt image: {e}") from e
 
 
 def read_image_bytes(uri: str, name: str | None = None) -> bytes:
