@@ -312,7 +312,8 @@ def build_instances(
             unusable or None) (:func:`exits.data.validate.annotation_ids`).
         imgs: usable image id -> image dict (at least the shard's images).
         cats: known category ids.
-        checks: image id -> header check (empty: files not checked).
+        checks: image id -> header check, sizes already compared with the entry (empty: files
+            not checked).
         duplicate: per annotation, whether an earlier annotation of the file has its id
             (decided over the whole file by :func:`exits.data.prepare.duplicate_flags`).
         bad_images: image id -> why that image entry is unusable
@@ -355,15 +356,6 @@ def build_instances(
         check = checks.get(image_id)
         if check is not None and check.error:
             errors.append(error_row(ann_id, image_id, "prepare", check.error))
-            continue
-        if check is not None and (check.height, check.width) != (
-            int(img["height"]),
-            int(img["width"]),
-        ):
-            errors.append(
-                error_row(ann_id, image_id, "prepare",
-                          f"image size {check.width}x{check.height} differs from annotation {img['width']}x{img['height']}")
-            )  # fmt: skip
             continue
         try:
             rows.append(_instance_from_annotation(ann, img, image_file_name(img)))
