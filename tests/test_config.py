@@ -41,3 +41,11 @@ def test_defaults_defined_once():
     assert crops.INFERENCE_ENLARGE == 1.3 and crops.TRAIN_MAX_ENLARGE == 1.6
     assert generator.EMA_MOMENTUM == 0.996
     assert LabelConfig().shard_images == 64
+
+
+def test_token_cache_needs_a_frozen_encoder():
+    assert load_config("coco_mini", ["generator.cache_views=2"]).generator.cache_views == 2
+    with pytest.raises(ValueError, match="generator.cache_views = 2 needs a frozen encoder"):
+        load_config("coco_mini", ["generator.cache_views=2", "model.trainable_blocks=2"])
+    with pytest.raises(ValueError, match="generator.cache_views = -1 is outside"):
+        load_config("coco_mini", ["generator.cache_views=-1"])

@@ -185,13 +185,13 @@ def crf_loss(
         m_avg = 0.5 * (student_probs.detach() + teacher_probs.detach())  # (B, 1, h, w)
         if box_mask is not None:
             m_avg = m_avg * box_mask.reshape(m_avg.shape).to(m_avg.dtype)
-        refined = crf_fn(_resize_images(images, m_avg.shape[-2:]), m_avg)
+        refined = crf_fn(resize_images(images, m_avg.shape[-2:]), m_avg)
         if binarize:
             refined = (refined > CRF_TARGET_THRESHOLD).to(m_avg.dtype)
     return dice_loss(student_probs, refined.detach())
 
 
-def _resize_images(images: Tensor, size) -> Tensor:
+def resize_images(images: Tensor, size) -> Tensor:
     """(B, 3, H, W) uint8/float RGB → same dtype at ``size`` (area-averaged)."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images

@@ -70,10 +70,18 @@ class PseudoLabelGenerator(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images (B, 3, S, S) normalised float → mask logits (B, 1, S/4, S/4)."""
-        tokens = self.encoder(images)  # (B, N², D)
-        out_size = images.shape[-1] // self.output_stride
+    def forward(self, images: Tensor | None = None, *, tokens: Tensor | None = None) -> Tensor:
+        """images (B, 3, S, S) normalised float → mask logits (B, 1, S/4, S/4).
+
+        ``tokens``: the encoder's patch tokens (B, N², D) of such images instead (a frozen
+        encoder's cached output, ``exits.train.feature_cache``): only the decoder runs.
+        Through ``forward`` so a DDP wrapper still synchronises the decoder's gradients.
+        """
+        if (images is None) == (tokens is None):
+            raise ValueError("pass exactly one of images, tokens")
+        if tokens is None:
+            tokens = self.encoder(images)  # (B, N², D)
+        out_size = self.img_size // self.output_stride
         return self.decoder(tokens, self.encoder.grid, out_size)
 
     def forward_with_similarity(self, images: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,8 +35,14 @@ from exits.model.generator import (
     make_teacher,
     shares_frozen_encoder,
 )
-from exits.progress import Progress, emit
+from exits.progress import Progress, emit, format_duration
 from exits.train.data import CropDataset, CropSpec
+from exits.train.feature_cache import (
+    cached_generator_loss,
+    encode_views,
+    shard_indices,
+    view_batches,
+)
 from exits.train.steps import generator_loss, to_device, warmup_loss
 
 STATE_FILE = "state.pt"
@@ -91,6 +97,25 @@ def _loader(
         num_workers=loader_workers,
         persistent_workers=False,
     )
+
+
+def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: RetrievalConfig,
+                  lcfg: LossConfig, device, shared: bool, rank: int, world: int) -> dict:  # fmt: skip
+    """This worker's shard encoded under ``tcfg.cache_views`` views (feature_cache), with a
+    progress line per view from rank 0."""
+    indices = shard_indices(len(dataset), rank, world)
+    views = tcfg.cache_views
+    t0 = time.time()
+
+    def on_view(v: int) -> None:
+        if rank == 0:
+            done = v + 1
+            eta = (time.time() - t0) / done * (views - done)
+            emit(f"1b  caching encoder tokens: view {done}/{views}, {len(indices)} crops each, "
+                 f"{time.time() - t0:.0f}s, ETA {format_duration(eta)}")  # fmt: skip
+
+    return encode_views(teacher, extractor, dataset, indices, views, rcfg, lcfg, tcfg.batch_size,
+                        device, shared=shared, on_view=on_view)  # fmt: skip
 
 
 def _maybe_inject_fault(step: int, tcfg: TrainConfig, marker_dir: str | None, rank: int) -> None:
@@ -201,24 +226,39 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
 
+    cache = None
+    if stage == "generator" and tcfg.cache_views > 0:
+        if model.encoder.trainable_blocks != 0:
+            raise ValueError("generator.cache_views needs a frozen encoder (trainable_blocks 0)")
+        cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared,
+                              rank, world)  # fmt: skip
     t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     progress = Progress(STAGE_TAGS[stage], total, start=step)  # rank 0 prints it
     while step < total:
-        loader = _loader(dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers)
+        if cache is not None:
+            loader = view_batches(cache, len(shard_indices(len(dataset), rank, world)), epoch,
+                                  tcfg.cache_views, tcfg.batch_size, steps_per_epoch,
+                                  step % steps_per_epoch, tcfg.seed + rank)  # fmt: skip
+        else:
+            loader = _loader(
+                dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers
+            )
         for batch in loader:
             if step >= total:
                 break
             _maybe_inject_fault(step, tcfg, config.get("marker_dir"), rank)
-            batch = to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                if stage == "warmup":
-                    loss, logs = warmup_loss(ddp_model, batch, lcfg)
-                else:
-                    loss, logs = generator_loss(
-                        ddp_model, teacher, extractor, batch, rcfg, lcfg, crf_fn, gen, shared
+                if cache is not None:
+                    loss, logs = cached_generator_loss(
+                        ddp_model, teacher, batch, rcfg, lcfg, crf_fn, device
                     )
+                elif stage == "warmup":
+                    loss, logs = warmup_loss(ddp_model, to_device(batch, device), lcfg)
+                else:
+                    loss, logs = generator_loss(ddp_model, teacher, extractor, to_device(batch, device),
+                                                rcfg, lcfg, crf_fn, gen, shared)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

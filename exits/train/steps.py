@@ -124,31 +124,71 @@ def generator_loss(
         teacher_probs = t_logits.sigmoid()
     h = probs.shape[-1]
     box = box_mask_at(batch, h)
-    l_crf = crf_loss(probs, teacher_probs, batch["image"], crf_fn, box_mask=box)
+    if lcfg.objective == "exits":
+        grid = (
+            extractor.grid if extractor is not None else getattr(student, "module", student).grid
+        )  # DDP-wrapped
+        geo = grid_geometry(batch, grid, rcfg.delta)
+        labels = point_labels(batch, clean, grid, extractor, rcfg, geo, precomputed)
+        points = (labels, geo.fg | geo.bg)
+    else:
+        points = None
+    return objective(probs, teacher_probs, box, batch["image"], points, rcfg, lcfg, crf_fn)
+
+
+def point_labels(
+    batch: dict,
+    clean: Tensor,
+    grid: int,
+    extractor: nn.Module | None,
+    rcfg: RetrievalConfig,
+    geo,
+    precomputed: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Eq. 2-5: (B, N²) grid labels (initial + retrieved points, before dropout); with
+    retrieval disabled (the initial-points ablation) only the initial points."""
+    if rcfg.enabled:
+        sim = similarity_matrix(
+            rcfg.similarity, batch["image"], clean, grid, extractor, rcfg, precomputed
+        )
+    else:  # initial points only: no similarity needed
+        sim = clean.new_zeros(())
+    return retrieve(sim, geo, rcfg)
+
+
+def objective(
+    probs: Tensor,
+    teacher_probs: Tensor,
+    box: Tensor,
+    images_u8: Tensor,
+    points: tuple[Tensor, Tensor] | None,
+    rcfg: RetrievalConfig,
+    lcfg: LossConfig,
+    crf_fn,
+) -> tuple[Tensor, dict]:
+    """Eq. 10 (or the box-only ablation) from the student's and teacher's probabilities.
+
+    Args:
+        probs, teacher_probs: (B, 1, h, h); box: (B, 1, h, h) float box area;
+        images_u8: (B, 3, H, W) crops for the CRF (resized to h inside);
+        points: (labels (B, N²) before dropout, keep (B, N²) = the initial FG | BG points);
+            None for the box-only objective.
+    """
+    l_crf = crf_loss(probs, teacher_probs, images_u8, crf_fn, box_mask=box)
     logs: dict = {"loss_crf": float(l_crf.detach())}
     if lcfg.objective == "box_only":
         l_mil = projection_mil_loss(probs, box)
         loss = box_only_loss(l_mil, l_crf, lcfg.lambda_mil, lcfg.lambda_crf)
         logs.update(loss_mil=float(l_mil.detach()), loss=float(loss.detach()))
         return loss, logs
-    if lcfg.objective != "exits":
-        raise ValueError(f"unknown objective {lcfg.objective!r}")
-    grid = (
-        extractor.grid if extractor is not None else getattr(student, "module", student).grid
-    )  # DDP-wrapped
-    geo = grid_geometry(batch, grid, rcfg.delta)
-    if rcfg.enabled:
-        sim = similarity_matrix(
-            rcfg.similarity, batch["image"], clean, grid, extractor, rcfg, precomputed
-        )
-    else:  # initial points only: no similarity needed
-        sim = images.new_zeros(())
-    labels = retrieve(sim, geo, rcfg)
-    n_retrieved = retrieval.retrieved_count(labels, geo.fg, geo.bg)  # (B,) before dropout
-    dropped = retrieval.point_dropout(labels, rcfg.dropout, generator=None, keep=geo.fg | geo.bg)
+    if lcfg.objective != "exits" or points is None:
+        raise ValueError(f"unknown objective {lcfg.objective!r} (or no points for exits)")
+    labels, keep = points
+    pseudo = ~keep
+    n_retrieved = retrieval.retrieved_count(labels, keep, keep)  # (B,) before dropout
+    dropped = retrieval.point_dropout(labels, rcfg.dropout, generator=None, keep=keep)
     l_point = point_loss(probs, dropped, box, n_retrieved, lcfg.lambda_mil, lcfg.balanced_bce)
     loss = total_loss(l_point, l_crf, lcfg.lambda_point, lcfg.lambda_crf)
-    pseudo = ~(geo.fg | geo.bg)
     logs.update(
         loss_point=float(l_point.detach()),
         loss=float(loss.detach()),
@@ -162,6 +202,8 @@ def generator_loss(
 __all__ = [
     "box_mask_at",
     "generator_loss",
+    "objective",
+    "point_labels",
     "pairwise_color_loss",
     "to_device",
     "warmup_loss",

@@ -189,6 +189,25 @@ def test_fit_resume_warmup_then_generator(ray_cluster, table, demo_dataset, tmp_
         if s3["model"][k].is_floating_point()
     )
 
+    # 1b on cached encoder tokens (frozen encoder, 2 views): same history keys, 4 steps over
+    # 2 epochs of 2 steps each (2 workers x batch 4 over the demo set's crops would be more:
+    # capped), the encoder unchanged, the decoder trained
+    crop, model, retr, loss, tcfg = _cfgs(max_steps=4, cache_views=2)
+    model.trainable_blocks = 0
+    cfg = loop_config("generator", str(tmp_path / "instances.parquet"), demo_dataset["images"], crop, model, retr, loss, tcfg,
+                      extractor_checkpoint=str(tmp_path / "warmup" / "model.pt"), loader_workers=0)  # fmt: skip
+    r4 = fit(cfg, tcfg, str(tmp_path / "generator_cached" / "ray"))
+    s4 = _state(r4)
+    assert s4["step"] == 4 and [h["step"] for h in s4["history"]] == [1, 2, 3, 4]
+    assert {"loss_point", "loss_crf", "retrieved_fg", "retrieved_bg"} <= set(s4["history"][-1])
+    enc = [k for k in s4["model"] if k.startswith("encoder.")]
+    assert enc and all(torch.equal(s4["teacher"][k], s4["model"][k]) for k in enc)
+    assert any(
+        not torch.equal(s4["teacher"][k], s4["model"][k])
+        for k in s4["model"]
+        if k.startswith("decoder.")
+    )
+
 
 @pytest.mark.slow
 @pytest.mark.integration
