@@ -91,7 +91,11 @@ def _regular(a: Any) -> bool:
             if type(v) is not list:
                 return False
         elif key == "segmentation":
-            if type(v) is not list or any(type(p) is not list for p in v):
+            # polygons of plain numbers only: the typed column would turn a bool into 1.0, the
+            # raw path gives it an error row (validate.check_polygons)
+            if type(v) is not list or any(
+                type(p) is not list or not validate.plain_numbers(p) for p in v
+            ):
                 return False
         else:
             return False

@@ -112,6 +112,7 @@ def write_hostile_dataset(root: str, outside: str) -> tuple[str, str, dict]:
         ann(41, 2, segmentation=[[20, 20, 60, 20, 60, 60, 20]]),         # 14: odd polygon
         ann(42, 2, segmentation={"size": [SIZE, SIZE], "counts": "0000garbage"}),  # bad RLE
         ann(43, 2, category_id=99),
+        ann(44, 2, segmentation=[[20, 20, 60, True, 60, 60, 20, 60]]),   # a boolean coordinate
     ]  # fmt: skip
     missing = "missing image file"
     expected = {
@@ -120,7 +121,7 @@ def write_hostile_dataset(root: str, outside: str) -> tuple[str, str, dict]:
         23: "image too large", 24: "exceeds data.max_image_pixels", 25: "duplicate image id 13",
         26: missing, 27: missing, 28: missing, 29: missing, 30: missing,
         31: "no valid height", 40: "NaN", 41: "odd number of coordinates", 42: "RLE",
-        43: "unknown category id 99",
+        43: "unknown category id 99", 44: "must be a list of numbers",
     }  # fmt: skip
     data = {"images": imgs, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
     path = os.path.join(root, "ann.json")
