@@ -62,7 +62,9 @@ class CropDataset(Dataset):
     def __init__(
         self, table: pa.Table, images: str, spec: CropSpec, seed: int = 0, cache_images: int = 256
     ):
-        self.rows = table.to_pylist()
+        # rows are read one at a time from the Arrow table: a worker holds the columns (a few
+        # hundred bytes per instance plus its GT RLE), not one Python dict per instance
+        self.table = table.combine_chunks()
         self.images = images
         self.spec = spec
         self.seed = seed
@@ -74,7 +76,7 @@ class CropDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.table.num_rows
 
     def _image(self, file_name: str) -> np.ndarray:
         if file_name in self._cache:
@@ -87,7 +89,7 @@ class CropDataset(Dataset):
         return img
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
+        row = self.table.slice(index, 1).to_pylist()[0]
         spec = self.spec
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image = self._image(row["file_name"])
