@@ -15,14 +15,9 @@ from exits.model.generator import (
     make_teacher,
     shares_frozen_encoder,
 )
+from exits.train import feature_cache as fc
 from exits.train import steps
 from exits.train.data import CropDataset, CropSpec
-from exits.train.feature_cache import (
-    cached_generator_loss,
-    encode_views,
-    shard_indices,
-    view_batches,
-)
 
 S, B = 96, 6
 
@@ -80,13 +75,13 @@ def test_cached_step_equals_uncached_step(dataset, monkeypatch, objective, simil
     grads_u = [p.grad.clone() for p in student.decoder.parameters()]
     student.zero_grad()
 
-    cache = encode_views(teacher, ext, dataset, list(range(B)), 1, rcfg, lcfg, 4,
+    cache = fc.encode_views(teacher, ext, dataset, list(range(B)), 1, rcfg, lcfg, 4,
                          torch.device("cpu"), shared=shared)  # fmt: skip
     assert (
         cache["tokens"].shape == (B, (S // 8) ** 2, 96) and cache["tokens"].dtype == torch.float16
     )
     assert ("labels" in cache) == (objective == "exits")
-    loss_c, logs_c = cached_generator_loss(
+    loss_c, logs_c = fc.cached_generator_loss(
         student, teacher, cache, rcfg, lcfg, crf, torch.device("cpu")
     )
     loss_c.backward()
@@ -101,7 +96,7 @@ def test_views_are_the_datasets_epochs(dataset):
     """View v holds the crops the uncached loop draws at epoch v (random enlargement, flip)."""
     rcfg, lcfg = RetrievalConfig(similarity="bilateral"), LossConfig(objective="box_only")
     student, teacher, _ = _models(False)
-    cache = encode_views(teacher, None, dataset, [0, 1], 2, rcfg, lcfg, 8, torch.device("cpu"))
+    cache = fc.encode_views(teacher, None, dataset, [0, 1], 2, rcfg, lcfg, 8, torch.device("cpu"))
     for v in range(2):
         dataset.set_epoch(v)
         x = torch.stack([dataset[i]["image"] for i in (0, 1)]).float() / 255
@@ -114,18 +109,18 @@ def test_views_are_the_datasets_epochs(dataset):
 def test_view_batches_order_view_and_resume():
     n, views, bs, steps_ = 10, 3, 3, 3
     cache = {"row": torch.arange(views * n)}
-    full = [b["row"] for b in view_batches(cache, n, 4, views, bs, steps_, 0, seed=7)]
+    full = [b["row"] for b in fc.view_batches(cache, n, 4, views, bs, steps_, 0, seed=7)]
     assert len(full) == steps_ and all(len(r) == bs for r in full)
     rows = torch.cat(full)
     assert ((rows >= n) & (rows < 2 * n)).all()  # epoch 4 → view 1
     assert len(set(rows.tolist())) == steps_ * bs  # no row twice in an epoch
-    again = [b["row"] for b in view_batches(cache, n, 4, views, bs, steps_, 1, seed=7)]
+    again = [b["row"] for b in fc.view_batches(cache, n, 4, views, bs, steps_, 1, seed=7)]
     assert all(torch.equal(a, b) for a, b in zip(again, full[1:], strict=True))  # resume
-    other = torch.cat([b["row"] for b in view_batches(cache, n, 7, views, bs, steps_, 0, seed=7)])
+    other = torch.cat([b["row"] for b in fc.view_batches(cache, n, 7, views, bs, steps_, 0, seed=7)])
     assert not torch.equal(other, rows)  # epoch 7 is view 1 too, in another order
 
 
 def test_shards_partition_the_dataset():
-    parts = [shard_indices(11, r, 3) for r in range(3)]
+    parts = [fc.shard_indices(11, r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))
     assert parts[0] == [0, 3, 6, 9] and parts[2] == [2, 5, 8]
