@@ -116,7 +116,9 @@ def test_view_batches_order_view_and_resume():
     assert len(set(rows.tolist())) == steps_ * bs  # no row twice in an epoch
     again = [b["row"] for b in fc.view_batches(cache, n, 4, views, bs, steps_, 1, seed=7)]
     assert all(torch.equal(a, b) for a, b in zip(again, full[1:], strict=True))  # resume
-    other = torch.cat([b["row"] for b in fc.view_batches(cache, n, 7, views, bs, steps_, 0, seed=7)])
+    other = torch.cat(
+        [b["row"] for b in fc.view_batches(cache, n, 7, views, bs, steps_, 0, seed=7)]
+    )
     assert not torch.equal(other, rows)  # epoch 7 is view 1 too, in another order
 
 
