@@ -65,6 +65,25 @@ def sinkhorn(S: Tensor, n_iters: int = SINKHORN_ITERS) -> Tensor:
     """
     if S.dim() != 3 or S.shape[-1] != S.shape[-2]:
         raise ValueError(f"sinkhorn expects (B, n, n), got {tuple(S.shape)}")
+    # Every round's matrix is diag(r) S diag(c): iterate the scaling vectors with two batched
+    # matrix-vector products per round instead of rewriting the n x n matrix four times
+    # (same numbers, ~5x less memory traffic at n = 1024; ``sinkhorn_reference`` is the
+    # alternating normalisation as written, kept for the tests)
+    K = S.clamp_min(0)
+    r = K.new_ones(K.shape[:-1])  # (B, n) row scales
+    c = K.new_ones(K.shape[:-1])  # (B, n) column scales
+    for _ in range(n_iters):
+        kc = torch.bmm(K, c[..., None])[..., 0]  # (B, n): row sums are r * kc
+        # an all-zero row stays zero whatever its scale: keep the scale finite (no 0 * inf)
+        r = torch.where(kc > 0, r / (r * kc + SINKHORN_EPS), r)
+        kr = torch.bmm(r[:, None], K)[:, 0]  # (B, n): column sums are c * kr
+        c = torch.where(kr > 0, c / (c * kr + SINKHORN_EPS), c)
+    return r[..., None] * K * c[:, None]
+
+
+def sinkhorn_reference(S: Tensor, n_iters: int = SINKHORN_ITERS) -> Tensor:
+    """Sinkhorn–Knopp as alternating row / column normalisation of the matrix (the reference
+    ``sinkhorn`` is tested against)."""
     A = S.clamp_min(0)
     for _ in range(n_iters):
         A = A / (A.sum(dim=-1, keepdim=True) + SINKHORN_EPS)  # rows
