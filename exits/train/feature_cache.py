@@ -28,6 +28,7 @@ from exits.config import LossConfig, RetrievalConfig
 from exits.data.transforms import normalize
 from exits.method.losses import resize_images
 from exits.method.retrieval import grid_geometry
+from exits.model.encoder import tokens_and_attention
 from exits.train.data import CropDataset
 from exits.train.steps import box_mask_at, objective, point_labels
 
@@ -75,8 +76,6 @@ def encode_views(
             batch = {k: t.to(device) for k, t in torch.utils.data.default_collate(items).items()}
             clean = normalize(batch["image"].float() / 255.0)
             if block is not None:
-                from exits.model.encoder import tokens_and_attention
-
                 tokens, attention = tokens_and_attention(model.encoder, clean, block)
                 precomputed = (tokens, attention)
             else:
@@ -95,11 +94,13 @@ def encode_views(
 
 
 def view_batches(
-    cache: dict[str, Tensor], n_items: int, epoch: int, views: int, batch_size: int,
-    steps: int, skip: int, seed: int,
+    cache: dict[str, Tensor], epoch: int, views: int, batch_size: int, steps: int, skip: int,
+    seed: int,
 ):  # fmt: skip
     """Yield ``steps - skip`` batches (dicts of cache rows) of view ``epoch % views``, in an
-    order drawn from (seed, epoch): the same after a resume, so ``skip`` resumes mid-epoch."""
+    order drawn from (seed, epoch): the same after a resume, so ``skip`` resumes mid-epoch.
+    The cache holds ``views`` equal blocks of rows, view-major (``encode_views``)."""
+    n_items = len(next(iter(cache.values()))) // views
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_items, generator=g) + (epoch % views) * n_items
     for s in range(skip, steps):

@@ -35,7 +35,7 @@ from exits.model.generator import (
     make_teacher,
     shares_frozen_encoder,
 )
-from exits.progress import Progress, emit, format_duration
+from exits.progress import Progress, emit
 from exits.train.data import CropDataset, CropSpec
 from exits.train.feature_cache import (
     cached_generator_loss,
@@ -104,18 +104,15 @@ def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: Retrieva
     """This worker's shard encoded under ``tcfg.cache_views`` views (feature_cache), with a
     progress line per view from rank 0."""
     indices = shard_indices(len(dataset), rank, world)
-    views = tcfg.cache_views
-    t0 = time.time()
+    progress = Progress(STAGE_TAGS["generator"], tcfg.cache_views, unit="view", rate_unit="views/s")
 
     def on_view(v: int) -> None:
         if rank == 0:
-            done = v + 1
-            eta = (time.time() - t0) / done * (views - done)
-            emit(f"1b  caching encoder tokens: view {done}/{views}, {len(indices)} crops each, "
-                 f"{time.time() - t0:.0f}s, ETA {format_duration(eta)}")  # fmt: skip
+            emit(progress.update(v + 1, {"caching tokens,": f"{len(indices)} crops per view"},
+                                 force=True))  # fmt: skip
 
-    return encode_views(teacher, extractor, dataset, indices, views, rcfg, lcfg, tcfg.batch_size,
-                        device, shared=shared, on_view=on_view)  # fmt: skip
+    return encode_views(teacher, extractor, dataset, indices, tcfg.cache_views, rcfg, lcfg,
+                        tcfg.batch_size, device, shared=shared, on_view=on_view)  # fmt: skip
 
 
 def _maybe_inject_fault(step: int, tcfg: TrainConfig, marker_dir: str | None, rank: int) -> None:
@@ -238,9 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
     progress = Progress(STAGE_TAGS[stage], total, start=step)  # rank 0 prints it
     while step < total:
         if cache is not None:
-            loader = view_batches(cache, len(shard_indices(len(dataset), rank, world)), epoch,
-                                  tcfg.cache_views, tcfg.batch_size, steps_per_epoch,
-                                  step % steps_per_epoch, tcfg.seed + rank)  # fmt: skip
+            loader = view_batches(cache, epoch, tcfg.cache_views, tcfg.batch_size,
+                                  steps_per_epoch, step % steps_per_epoch, tcfg.seed + rank)  # fmt: skip
         else:
             loader = _loader(
                 dataset, tcfg, rank, world, epoch, step % steps_per_epoch, loader_workers

@@ -8,6 +8,7 @@ import torch
 
 from exits.config import RetrievalConfig
 from exits.method.retrieval import (
+    SINKHORN_EPS,
     GridGeometry,
     initial_points,
     label_points,
@@ -18,7 +19,6 @@ from exits.method.retrieval import (
     retrieved_count,
     scale_thresholds,
     sinkhorn,
-    sinkhorn_reference,
     transition_matrix,
 )
 from exits.method.similarity import (
@@ -38,6 +38,15 @@ def test_sinkhorn_doubly_stochastic():
     ones = torch.ones(4, 50)
     assert torch.allclose(A.sum(-1), ones, atol=1e-4)
     assert torch.allclose(A.sum(-2), ones, atol=1e-4)
+
+
+def sinkhorn_reference(S, n_iters):
+    """Sinkhorn–Knopp as written: alternating row / column normalisation of the matrix."""
+    A = S.clamp_min(0)
+    for _ in range(n_iters):
+        A = A / (A.sum(dim=-1, keepdim=True) + SINKHORN_EPS)  # rows
+        A = A / (A.sum(dim=-2, keepdim=True) + SINKHORN_EPS)  # columns
+    return A
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

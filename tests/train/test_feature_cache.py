@@ -109,16 +109,14 @@ def test_views_are_the_datasets_epochs(dataset):
 def test_view_batches_order_view_and_resume():
     n, views, bs, steps_ = 10, 3, 3, 3
     cache = {"row": torch.arange(views * n)}
-    full = [b["row"] for b in fc.view_batches(cache, n, 4, views, bs, steps_, 0, seed=7)]
+    full = [b["row"] for b in fc.view_batches(cache, 4, views, bs, steps_, 0, seed=7)]
     assert len(full) == steps_ and all(len(r) == bs for r in full)
     rows = torch.cat(full)
     assert ((rows >= n) & (rows < 2 * n)).all()  # epoch 4 → view 1
     assert len(set(rows.tolist())) == steps_ * bs  # no row twice in an epoch
-    again = [b["row"] for b in fc.view_batches(cache, n, 4, views, bs, steps_, 1, seed=7)]
+    again = [b["row"] for b in fc.view_batches(cache, 4, views, bs, steps_, 1, seed=7)]
     assert all(torch.equal(a, b) for a, b in zip(again, full[1:], strict=True))  # resume
-    other = torch.cat(
-        [b["row"] for b in fc.view_batches(cache, n, 7, views, bs, steps_, 0, seed=7)]
-    )
+    other = torch.cat([b["row"] for b in fc.view_batches(cache, 7, views, bs, steps_, 0, seed=7)])
     assert not torch.equal(other, rows)  # epoch 7 is view 1 too, in another order
 
 
