@@ -29,6 +29,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """``load_script("jobs/pseudo_label.py")``: a repository script imported as a module."""
+    import importlib.util
+
+    def load(relpath: str):
+        name = os.path.splitext(relpath)[0].replace("/", "_")
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small synthetic demo set (16 images, 96 px) shared by the test session."""
     from exits.data.synthetic import write_demo_dataset

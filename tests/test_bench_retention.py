@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from exits.config import load_config
 from exits.stage2.train_eval import batch_override
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "retention.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("retention_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("bench/retention.py")
 
 
 def test_runs_are_validated(bench) -> None:

@@ -5,7 +5,6 @@ fingerprint follows the json's content (item 8)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -143,15 +142,11 @@ def test_config_ranges_fail_at_load(override, match):
         load_config("demo", ["generator.epochs=abc"])
 
 
-def test_jobs_fail_before_ray(tmp_path, monkeypatch):
+def test_jobs_fail_before_ray(tmp_path, monkeypatch, load_script):
     """Items 9 / 15: --quick with another dataset, a bad value: no Ray, no output written."""
-    import importlib.util
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("pipeline_job", f"{repo}/jobs/pipeline.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/pipeline.py")
     monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` would fail the test
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="--quick is the tiny demo profile"):
@@ -159,9 +154,7 @@ def test_jobs_fail_before_ray(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="label.threshold"):
         job.main(["--output", str(out), "--set", "label.threshold=2"])
     assert not out.exists()
-    spec = importlib.util.spec_from_file_location("pl_job", f"{repo}/jobs/pseudo_label.py")
-    pl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pl)
+    pl = load_script("jobs/pseudo_label.py")
     args = pl.parse_args(["--checkpoint", "x", "--annotations", "a", "--images", "i",
                           "--output", str(out), "--crop-size", "96", "--threshold", "1.5"])  # fmt: skip
     with pytest.raises(ValueError, match="label.threshold"):

@@ -4,7 +4,6 @@ refuses stale outputs, and finishes on inputs with nothing to label."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -13,8 +12,6 @@ from hostile_inputs import write_hostile_dataset
 
 from exits.label import read_errors, read_masks
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_generator_ckpt) -> str:
@@ -22,13 +19,8 @@ def checkpoint(tiny_generator_ckpt) -> str:
 
 
 @pytest.fixture(scope="module")
-def job():
-    spec = importlib.util.spec_from_file_location(
-        "pl_job", os.path.join(REPO, "jobs", "pseudo_label.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def job(load_script):
+    return load_script("jobs/pseudo_label.py")
 
 
 def run_job(job, ckpt, ann, images, out, *extra):

@@ -253,8 +253,8 @@ def test_bad_input_becomes_error_rows(ray_cluster, bad_dataset, generator_ckpt, 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, capsys):
-    job = _load_job()
+def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, capsys, load_script):
+    job = load_script("jobs/pseudo_label.py")
 
     # one annotation the prepare stage rejects is carried into the errors output
     data = json.loads(open(demo_dataset["annotations"]).read())
@@ -280,21 +280,10 @@ def test_job_end_to_end(ray_cluster, demo_dataset, generator_ckpt, tmp_path, cap
     assert len(exported["annotations"]) == summary["masks"] - summary["empty_masks"]
 
 
-def _load_job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "pseudo_label_job", os.path.join(REPO, "jobs", "pseudo_label.py")
-    )
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
-
-def test_job_config_one_path_flags_win():
+def test_job_config_one_path_flags_win(load_script):
     """jobs/pseudo_label.py builds its config through exits.config.load_config: overrides
     apply, explicit flags win, --use-gpu is the config's device=cuda switch."""
-    job = _load_job()
+    job = load_script("jobs/pseudo_label.py")
     cpu_yaml = os.path.join(REPO, "configs", "label", "cpu.yaml")
     args = job.parse_args(["--checkpoint", "ckpt.pt", "--annotations", "a.json", "--images", "img",
                            "--output", "out", "--config", cpu_yaml, "--batch-size", "8",
