@@ -127,9 +127,12 @@ class TrainConfig:
     # plus one real fault
     max_failures: int = 2
     checkpoint_every: int = 50  # steps
-    # stage 1b with a frozen encoder (model.trainable_blocks 0): encode each crop under this
-    # many geometric views once and train the decoder on the cached tokens (train/feature_cache)
+    # stage 1b with a (partly) frozen encoder (model.trainable_blocks k >= 0): run the frozen
+    # part on each crop under this many geometric views once, then train the last k blocks and
+    # the decoder on the cached output (train/feature_cache)
     cache_views: int = 0
+    # lr of trainable encoder blocks relative to lr (fine-tuning pretrained blocks)
+    encoder_lr_scale: float = 1.0
     seed: int = 0
     fail_at_step: int = -1  # fault injection (tests): a worker exits at this step once
 
@@ -330,6 +333,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("train", "max_failures"): (-1, None, True),
     ("train", "checkpoint_every"): (1, None, True),
     ("train", "cache_views"): (0, None, True),
+    ("train", "encoder_lr_scale"): (0.0, None, True),
     ("label", "batch_size"): (1, None, True),
     ("label", "num_actors"): (1, None, True),
     ("label", "gpus_per_actor"): (0.0, None, True),
@@ -395,10 +399,10 @@ def validate_config(cfg: PipelineConfig) -> PipelineConfig:
                 raise ValueError(f"config key {key} must be one of {choices}, got {value!r}")
     if cfg.crop.train_max_enlarge < cfg.crop.train_mean_enlarge:
         raise ValueError("config key crop.train_max_enlarge must be >= crop.train_mean_enlarge")
-    if cfg.generator.cache_views > 0 and cfg.model.trainable_blocks != 0:
+    if cfg.generator.cache_views > 0 and cfg.model.trainable_blocks < 0:
         raise ValueError(
             f"config key generator.cache_views = {cfg.generator.cache_views} needs a frozen "
-            f"encoder (model.trainable_blocks 0), got {cfg.model.trainable_blocks}"
+            f"encoder part (model.trainable_blocks >= 0), got {cfg.model.trainable_blocks}"
         )
     model = cfg.stage2.model
     if not model.endswith((".yaml", ".yml")) and not os.path.isfile(

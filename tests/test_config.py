@@ -43,9 +43,11 @@ def test_defaults_defined_once():
     assert LabelConfig().shard_images == 64
 
 
-def test_token_cache_needs_a_frozen_encoder():
+def test_token_cache_needs_a_frozen_encoder_part():
     assert load_config("coco_mini", ["generator.cache_views=2"]).generator.cache_views == 2
-    with pytest.raises(ValueError, match="generator.cache_views = 2 needs a frozen encoder"):
-        load_config("coco_mini", ["generator.cache_views=2", "model.trainable_blocks=2"])
+    two = load_config("coco_mini", ["generator.cache_views=2", "model.trainable_blocks=2"])
+    assert two.model.trainable_blocks == 2  # the last 2 blocks train on the cached prefix
+    with pytest.raises(ValueError, match="generator.cache_views = 2 needs a frozen encoder part"):
+        load_config("coco_mini", ["generator.cache_views=2", "model.trainable_blocks=-1"])
     with pytest.raises(ValueError, match="generator.cache_views = -1 is outside"):
         load_config("coco_mini", ["generator.cache_views=-1"])

@@ -85,20 +85,42 @@ class ViTEncoder(nn.Module):
         k = self.trainable_blocks
         if k == -1 or k == self.depth:
             tokens = self.vit.forward_features(images)  # (B, P + N², D)
-        elif k == 0:
-            with torch.no_grad():
-                tokens = self.vit.forward_features(images)
-        else:
-            vit = self.vit
-            first = self.depth - k
-            with torch.no_grad():
-                x = embed_tokens(vit, images)
-                for blk in vit.blocks[:first]:
-                    x = blk(x)
-            for blk in vit.blocks[first:]:
-                x = blk(x)
-            tokens = vit.norm(x)
-        return tokens[:, self.num_prefix_tokens :]
+            return tokens[:, self.num_prefix_tokens :]
+        return self.finish(self.frozen_state(images))
+
+    @property
+    def cacheable(self) -> bool:
+        """A frozen prefix exists (0 <= trainable_blocks < depth): ``frozen_state`` can be
+        computed once per crop and ``finish`` trains on it (stage 1b's token cache)."""
+        return 0 <= self.trainable_blocks < self.depth
+
+    @torch.no_grad()
+    def frozen_state(self, images: Tensor) -> Tensor:
+        """The output of the frozen part, without gradient: the patch tokens (B, N², D) after
+        the final norm when the encoder is frozen (k = 0); else the whole token sequence
+        (B, P + N², D) entering the first trainable block (k > 0)."""
+        if not self.cacheable:
+            raise ValueError(f"no frozen prefix with trainable_blocks {self.trainable_blocks}")
+        vit, k = self.vit, self.trainable_blocks
+        if k == 0:
+            return vit.forward_features(images)[:, self.num_prefix_tokens :]
+        x = embed_tokens(vit, images)
+        for blk in vit.blocks[: self.depth - k]:
+            x = blk(x)
+        return x
+
+    def finish(self, state: Tensor) -> Tensor:
+        """``frozen_state``'s output → patch tokens (B, N², D): the last ``trainable_blocks``
+        blocks and the final norm, with gradient (identity for a frozen encoder)."""
+        k = self.trainable_blocks
+        if not self.cacheable:
+            raise ValueError(f"no frozen prefix with trainable_blocks {k}")
+        if k == 0:
+            return state
+        vit = self.vit
+        for blk in vit.blocks[self.depth - k :]:
+            state = blk(state)
+        return vit.norm(state)[:, self.num_prefix_tokens :]
 
 
 def build_vit(
@@ -285,13 +307,36 @@ def tokens_and_attention(encoder: ViTEncoder, images: Tensor, block: int) -> tup
     """One pass: patch tokens after the final norm (B, N², D) and the attention of ``block``
     (as ``block_attention``). Lets a frozen teacher that shares the similarity extractor's
     encoder weights produce both in one forward (stage 1b on a frozen pretrained encoder)."""
+    return continue_with_attention(encoder, embed_tokens(encoder.vit, images), 0, block)
+
+
+def continue_with_attention(
+    encoder: ViTEncoder, x: Tensor, start: int, block: int
+) -> tuple[Tensor, Tensor]:
+    """``tokens_and_attention`` from the token sequence ``x`` (B, P + N², D) entering block
+    ``start`` (``start <= block``): lets the similarity extractor start from a generator's
+    cached ``frozen_state`` when their frozen prefixes are equal (``shares_frozen_prefix``)."""
     vit = encoder.vit
-    if not 0 <= block < len(vit.blocks):
-        raise IndexError(f"block {block} out of range for depth {len(vit.blocks)}")
-    x = embed_tokens(vit, images)
+    if not 0 <= start <= block < len(vit.blocks):
+        raise IndexError(f"need 0 <= start {start} <= block {block} < {len(vit.blocks)}")
     attention = None
-    for i, blk in enumerate(vit.blocks):
+    for i, blk in enumerate(vit.blocks[start:], start):
         if i == block:
             attention = _attention_of(blk, x, vit.num_prefix_tokens)
         x = blk(x)
     return vit.norm(x)[:, encoder.num_prefix_tokens :], attention
+
+
+def frozen_prefix_state(encoder: ViTEncoder) -> dict[str, Tensor]:
+    """The parameters ``frozen_state`` depends on: the embedding (patch, position, prefix
+    tokens, pre-norm) and the first depth - k blocks; with k = 0 the whole encoder."""
+    first = encoder.depth - max(encoder.trainable_blocks, 0)
+    out = {}
+    for key, value in encoder.vit.state_dict().items():
+        if key.startswith("blocks."):
+            if int(key.split(".")[1]) >= first:
+                continue
+        elif key.startswith(("norm.", "fc_norm.", "head")) and first < encoder.depth:
+            continue
+        out[key] = value
+    return out

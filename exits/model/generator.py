@@ -29,6 +29,7 @@ from exits.model.encoder import (
     ViTEncoder,
     block_attention,
     build_vit,
+    frozen_prefix_state,
     load_encoder_checkpoint,
     parse_checkpoint,
     read_bytes,
@@ -70,17 +71,19 @@ class PseudoLabelGenerator(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
-    def forward(self, images: Tensor | None = None, *, tokens: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor | None = None, *, state: Tensor | None = None) -> Tensor:
         """images (B, 3, S, S) normalised float → mask logits (B, 1, S/4, S/4).
 
-        ``tokens``: the encoder's patch tokens (B, N², D) of such images instead (a frozen
-        encoder's cached output, ``exits.train.feature_cache``): only the decoder runs.
-        Through ``forward`` so a DDP wrapper still synchronises the decoder's gradients.
+        ``state``: the encoder's ``frozen_state`` of such images instead (its cached output,
+        ``exits.train.feature_cache``): only the trainable blocks, if any, and the decoder
+        run. Through ``forward`` so a DDP wrapper still synchronises their gradients.
         """
-        if (images is None) == (tokens is None):
-            raise ValueError("pass exactly one of images, tokens")
-        if tokens is None:
+        if (images is None) == (state is None):
+            raise ValueError("pass exactly one of images, state")
+        if state is None:
             tokens = self.encoder(images)  # (B, N², D)
+        else:
+            tokens = self.encoder.finish(state)
         out_size = self.img_size // self.output_stride
         return self.decoder(tokens, self.encoder.grid, out_size)
 
@@ -139,6 +142,27 @@ def shares_frozen_encoder(model: PseudoLabelGenerator, extractor: SimilarityExtr
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
+    )
+
+
+@torch.no_grad()
+def shares_frozen_prefix(model: PseudoLabelGenerator, extractor: SimilarityExtractor) -> bool:
+    """True when the frozen extractor's pass can start from ``model``'s cached
+    ``frozen_state``: ``model``'s encoder has a frozen part (0 <= trainable_blocks < depth),
+    the extractor's weights equal it there, tensor for tensor, and (trainable_blocks k > 0)
+    its attention block comes after it. With k = 0 this is ``shares_frozen_encoder``."""
+    a, b = model.encoder, extractor.encoder
+    if not a.cacheable or type(a.vit) is not type(b.vit) or a.depth != b.depth:
+        return False
+    if a.trainable_blocks == 0:
+        return shares_frozen_encoder(model, extractor)
+    if extractor.attention_block < a.depth - a.trainable_blocks:
+        return False
+    sa = frozen_prefix_state(a)
+    sb = b.vit.state_dict()
+    return all(
+        k in sb and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device))
+        for k in sa
     )
 
 

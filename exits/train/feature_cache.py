@@ -1,19 +1,25 @@
-"""Stage 1b on a frozen encoder: encode each training crop once per *view*, then train the
-decoder on the cached tokens.
+"""Stage 1b on a (partly) frozen encoder: run the frozen part on each training crop once per
+*view*, then train the rest on the cached output.
 
-With ``model.trainable_blocks = 0`` the generator's encoder is frozen and equal to the
-similarity extractor's (stage 1a warms up only the decoder; ``shares_frozen_encoder``), so a
-crop's patch tokens, its attention and the points Eq. 2-5 retrieve from it never change
-during training. The uncached loop still pays two encoder passes per crop and step (student
-on the augmented crop, teacher on the clean one): measured 2.2 s of a 2.8 s step (16 crops,
-ViT-S/14 224², 2 CPU threads). Here a view = one draw of the geometric augmentation (the
-dataset's random enlargement and flip at epoch seed v); each crop is encoded once per view,
-its retrieval labels computed then, and epoch e trains on view e mod V: one decoder pass per
-crop and step (student) plus one without gradient (teacher).
+With ``model.trainable_blocks = k`` (0 <= k < depth) the encoder's patch embedding and first
+depth - k blocks are frozen, so their output for a crop (``ViTEncoder.frozen_state``: the
+final patch tokens when k = 0, the token sequence entering the first trainable block when
+k > 0) never changes during training, and neither do the frozen extractor's attention and
+the points Eq. 2-5 retrieve from it. The uncached loop still pays two encoder passes per crop
+and step (student on the augmented crop, teacher on the clean one): measured 2.2 s of a 2.8 s
+step (16 crops, ViT-S/14 224², 2 CPU threads, k = 0). Here a view = one draw of the
+geometric augmentation (the dataset's random enlargement and flip at epoch seed v); each crop
+is encoded once per view, its retrieval labels computed then, and epoch e trains on view
+e mod V: per crop and step the last k blocks and the decoder run with gradient (student) and
+once without (the EMA teacher's own last k blocks and decoder). With k = 0 and an extractor
+whose frozen encoder equals the generator's (``shares_frozen_encoder``) one pass per view
+gives both the tokens and the attention; with k > 0 an extractor that shares the frozen
+prefix (``shares_frozen_prefix``: stage 1a trained the same last k blocks) continues from the
+cached state through its own last blocks; otherwise it runs its own pass.
 
-What differs from the uncached loop, by design: the student reads the clean crop's tokens (no
+What differs from the uncached loop, by design: the student reads the clean crop's state (no
 photometric augmentation: it would need an encoder pass per step); point dropout is still
-drawn per step. Memory: per crop and view the tokens (N² x D fp16: 197 KB for ViT-S/14 224²)
+drawn per step. Memory: per crop and view the state ((P +) N² x D fp16: 197 KB for ViT-S/14 224²)
 plus small tensors (crop at the prediction resolution for the CRF, labels): for small datasets
 (the CPU real-photo profile), not LVIS; ``generator.cache_views: 0`` (default) is the
 uncached loop.
@@ -28,7 +34,7 @@ from exits.config import LossConfig, RetrievalConfig
 from exits.data.transforms import normalize
 from exits.method.losses import resize_images
 from exits.method.retrieval import grid_geometry
-from exits.model.encoder import tokens_and_attention
+from exits.model.encoder import continue_with_attention, tokens_and_attention
 from exits.train.data import CropDataset
 from exits.train.steps import box_mask_at, objective, point_labels
 
@@ -56,19 +62,21 @@ def encode_views(
 ) -> dict[str, Tensor]:
     """Encode ``indices`` of ``dataset`` under ``views`` geometric augmentations.
 
-    ``teacher``: a generator with a frozen encoder; ``shared``: it equals the extractor's
-    (``shares_frozen_encoder``), so one pass gives the tokens and the attention. Returns
-    tensors with a leading (views * len(indices)) axis, view-major: tokens (N², D) fp16,
-    image (3, h, h) uint8 (the crop at the prediction resolution, the CRF's input), box
+    ``teacher``: a generator whose encoder has a frozen part; ``shared``: the extractor's
+    weights equal that part (``shares_frozen_prefix``), so the extractor's tokens and
+    attention come from the same pass (k = 0) or continue from the cached state through its
+    own last blocks (k > 0). Returns tensors with a leading (views * len(indices)) axis,
+    view-major: state (the encoder's ``frozen_state``: (N², D) or (P + N², D)) fp16, image (3, h, h) uint8 (the crop at the prediction resolution, the CRF's input), box
     (1, h, h) float, labels (N²) int8 and keep (N²) bool (Eq. 2-5's output before dropout and
     the initial points; absent for the box-only objective). ``on_view(v)`` after each view.
     """
     model = getattr(teacher, "module", teacher)
     h = model.img_size // model.output_stride
     grid = model.grid
-    # the extractor's attention from this very encoder pass when they share the encoder
+    # the extractor's attention from this very encoder pass when they share the frozen part
     block = getattr(extractor, "attention_block", None) if shared else None
-    out: dict[str, list[Tensor]] = {"tokens": [], "image": [], "box": [], "labels": [], "keep": []}
+    k = model.encoder.trainable_blocks
+    out: dict[str, list[Tensor]] = {"state": [], "image": [], "box": [], "labels": [], "keep": []}
     for v in range(views):
         dataset.set_epoch(v)
         for start in range(0, len(indices), batch_size):
@@ -76,11 +84,17 @@ def encode_views(
             batch = {k: t.to(device) for k, t in torch.utils.data.default_collate(items).items()}
             clean = normalize(batch["image"].float() / 255.0)
             if block is not None:
-                tokens, attention = tokens_and_attention(model.encoder, clean, block)
-                precomputed = (tokens, attention)
+                if k == 0:
+                    state, attention = tokens_and_attention(model.encoder, clean, block)
+                    precomputed = (state, attention)
+                else:  # the extractor continues from this frozen prefix: its last blocks only
+                    state = model.encoder.frozen_state(clean)
+                    precomputed = continue_with_attention(
+                        extractor.encoder, state, model.encoder.depth - k, block
+                    )
             else:
-                tokens, precomputed = model.encoder(clean), None
-            out["tokens"].append(tokens.to(TOKEN_DTYPE).cpu())
+                state, precomputed = model.encoder.frozen_state(clean), None
+            out["state"].append(state.to(TOKEN_DTYPE).cpu())
             out["image"].append(resize_images(batch["image"], (h, h)).cpu())
             out["box"].append(box_mask_at(batch, h).cpu())
             if lcfg.objective == "exits":
@@ -119,10 +133,10 @@ def cached_generator_loss(
 ) -> tuple[Tensor, dict]:
     """Stage 1b's objective (Eq. 10 or box-only) on one batch of cached views: the same
     ``objective`` as the uncached ``generator_loss``, decoder passes only."""
-    tokens = batch["tokens"].to(device).float()
-    probs = student(tokens=tokens).sigmoid()
+    state = batch["state"].to(device).float()
+    probs = student(state=state).sigmoid()
     with torch.no_grad():
-        teacher_probs = teacher(tokens=tokens).sigmoid()
+        teacher_probs = teacher(state=state).sigmoid()
     points = None
     if lcfg.objective == "exits":
         points = (batch["labels"].to(device), batch["keep"].to(device))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -34,6 +35,7 @@ from exits.model.generator import (
     ema_update,
     make_teacher,
     shares_frozen_encoder,
+    shares_frozen_prefix,
 )
 from exits.progress import Progress, emit
 from exits.train.data import CropDataset, CropSpec
@@ -57,6 +59,18 @@ def _model_kwargs(model_cfg: ModelConfig, crop: CropConfig) -> dict:
     if model_cfg.encoder_checkpoint:
         kw["encoder_checkpoint"] = model_cfg.encoder_checkpoint
     return kw
+
+
+def param_groups(model: nn.Module, lr: float, encoder_lr_scale: float) -> list[dict]:
+    """AdamW groups: trainable encoder blocks at ``lr * encoder_lr_scale`` (fine-tuning
+    pretrained blocks), everything else (decoder) at ``lr``; frozen parameters left out."""
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    ids = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": lr}]
+    if encoder:
+        groups.append({"params": encoder, "lr": lr * encoder_lr_scale})
+    return groups
 
 
 def warmup_cosine(
@@ -174,8 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
     if tcfg.max_steps > 0:
         total = min(total, tcfg.max_steps)
     lr = tcfg.lr * (world * tcfg.batch_size if tcfg.scale_lr else 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, lr, tcfg.encoder_lr_scale), lr=lr, weight_decay=tcfg.weight_decay
+    )
     scheduler = warmup_cosine(optimizer, tcfg.warmup_steps, total)
 
     step, history, resumed_from = 0, [], []
@@ -225,10 +240,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     cache = None
     if stage == "generator" and tcfg.cache_views > 0:
-        if model.encoder.trainable_blocks != 0:
-            raise ValueError("generator.cache_views needs a frozen encoder (trainable_blocks 0)")
-        cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared,
-                              rank, world)  # fmt: skip
+        if not model.encoder.cacheable:
+            raise ValueError(
+                "generator.cache_views needs a frozen encoder part (0 <= model.trainable_blocks"
+                f" < {model.encoder.depth}), got {model.encoder.trainable_blocks}"
+            )
+        prefix_shared = extractor is not None and shares_frozen_prefix(teacher, extractor)
+        cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device,
+                              prefix_shared, rank, world)  # fmt: skip
     t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)

@@ -14,6 +14,7 @@ from exits.model.generator import (
     build_similarity_extractor,
     make_teacher,
     shares_frozen_encoder,
+    shares_frozen_prefix,
 )
 from exits.train import feature_cache as fc
 from exits.train import steps
@@ -28,58 +29,88 @@ def dataset(demo_dataset):
     return CropDataset(table, demo_dataset["images"], CropSpec(size=S, train=True), seed=3)
 
 
-def _models(shared: bool):
+def _models(shared: bool, trainable_blocks: int = 0, attention_block: int = 1):
     torch.manual_seed(0)
-    student = build_generator("vit_tiny_demo", img_size=S, trainable_blocks=0)
+    student = build_generator("vit_tiny_demo", img_size=S, trainable_blocks=trainable_blocks)
     teacher = make_teacher(student)
-    for p in teacher.decoder.parameters():  # a teacher that differs from the student
+    for p in _trainable(teacher):  # a teacher that differs from the student where it trains
         p.data.add_(0.01 * torch.randn_like(p))
     extractor = build_similarity_extractor(
-        "vit_tiny_demo", img_size=S, attention_block=1, trainable_blocks=0
+        "vit_tiny_demo", img_size=S, attention_block=attention_block, trainable_blocks=0
     )
     if shared:
         extractor.load_state_dict(student.state_dict())
-    assert shares_frozen_encoder(teacher, extractor) == shared
+        if trainable_blocks:  # stage 1a trained the extractor's last blocks too
+            for p in extractor.encoder.vit.blocks[-trainable_blocks:].parameters():
+                p.data.add_(0.01 * torch.randn_like(p))
+    assert shares_frozen_encoder(teacher, extractor) == (shared and trainable_blocks == 0)
+    first = extractor.encoder.depth - trainable_blocks
+    assert shares_frozen_prefix(teacher, extractor) == (
+        shared and (trainable_blocks == 0 or attention_block >= first)
+    )
     return student, teacher, extractor
 
 
-def test_forward_on_tokens_equals_forward_on_images(dataset):
-    student, _, _ = _models(True)
+def _trainable(model):
+    """Parameters the student trains (the teacher has requires_grad off everywhere)."""
+    depth, k = model.encoder.depth, model.encoder.trainable_blocks
+    blocks = [] if k == 0 else [*model.encoder.vit.blocks[depth - k :], model.encoder.vit.norm]
+    return [p for m in (*blocks, model.decoder) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("trainable_blocks", [0, 1])
+def test_forward_on_frozen_state_equals_forward_on_images(dataset, trainable_blocks):
+    student, _, _ = _models(True, trainable_blocks)
     x = torch.randn(2, 3, S, S)
-    assert torch.equal(student(x), student(tokens=student.encoder(x)))
+    state = student.encoder.frozen_state(x)
+    assert state.shape == (2, (S // 8) ** 2 + (trainable_blocks > 0), 96)  # + the cls token
+    assert torch.equal(student(x), student(state=state))
     with pytest.raises(ValueError, match="exactly one"):
-        student(x, tokens=student.encoder(x))
+        student(x, state=state)
+    everything = build_generator("vit_tiny_demo", img_size=S)  # trainable_blocks -1: no prefix
+    with pytest.raises(ValueError, match="no frozen prefix"):
+        everything.encoder.frozen_state(x)
 
 
 @pytest.mark.parametrize(
-    "objective,similarity,shared",
-    [("exits", "attention", True), ("exits", "attention", False), ("exits", "bilateral", False),
-     ("box_only", "attention", True)],
+    "objective,similarity,shared,trainable_blocks,attention_block",
+    [("exits", "attention", True, 0, 1), ("exits", "attention", False, 0, 1),
+     ("exits", "bilateral", False, 0, 1), ("box_only", "attention", True, 0, 1),
+     ("exits", "attention", True, 1, 1), ("exits", "attention", True, 1, 3),
+     ("exits", "tokens", True, 2, 2), ("exits", "bilateral", False, 2, 1)],
 )  # fmt: skip
-def test_cached_step_equals_uncached_step(dataset, monkeypatch, objective, similarity, shared):
+def test_cached_step_equals_uncached_step(
+    dataset, monkeypatch, objective, similarity, shared, trainable_blocks, attention_block
+):
     """Same crops (view 0 = the dataset's epoch 0), no photometric augmentation, no dropout:
-    the loss and the retrieval counts of the cached step equal the uncached step's (tokens are
-    cached in fp16: losses to 1e-3), and so do the decoder gradients."""
+    the loss and the retrieval counts of the cached step equal the uncached step's (the state
+    is cached in fp16: losses to 1e-3), and so do the gradients of everything that trains
+    (the decoder and the last ``trainable_blocks`` blocks + final norm)."""
     monkeypatch.setattr(steps, "student_augment", lambda images, generator=None: images)
     rcfg = RetrievalConfig(similarity=similarity, threshold_rule="relative", dropout=0.0)
     lcfg = LossConfig(objective=objective, lambda_mil=1.0, balanced_bce=1.0)
     crf = build_crf("torch", n_iters=lcfg.crf_iters)
-    student, teacher, extractor = _models(shared)
-    ext = extractor if similarity == "attention" else None
+    student, teacher, extractor = _models(shared, trainable_blocks, attention_block)
+    ext = extractor if similarity in ("attention", "tokens") else None
+    shared = ext is not None and shares_frozen_encoder(teacher, ext)
+    prefix_shared = ext is not None and shares_frozen_prefix(teacher, ext)
     dataset.set_epoch(0)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(B)])
     loss_u, logs_u = steps.generator_loss(
         student, teacher, ext, batch, rcfg, lcfg, crf, None, shared
     )
     loss_u.backward()
-    grads_u = [p.grad.clone() for p in student.decoder.parameters()]
+    trained = _trainable(student)
+    assert trained and all(p.requires_grad and p.grad is not None for p in trained)
+    assert {id(p) for p in student.parameters() if p.requires_grad} == {id(p) for p in trained}
+    grads_u = [p.grad.clone() for p in trained]
     student.zero_grad()
 
     cache = fc.encode_views(teacher, ext, dataset, list(range(B)), 1, rcfg, lcfg, 4,
-                         torch.device("cpu"), shared=shared)  # fmt: skip
-    assert (
-        cache["tokens"].shape == (B, (S // 8) ** 2, 96) and cache["tokens"].dtype == torch.float16
-    )
+                         torch.device("cpu"), shared=prefix_shared)  # fmt: skip
+    prefix = 1 if trainable_blocks else 0  # the state entering a block keeps the cls token
+    assert cache["state"].shape == (B, (S // 8) ** 2 + prefix, 96)
+    assert cache["state"].dtype == torch.float16
     assert ("labels" in cache) == (objective == "exits")
     loss_c, logs_c = fc.cached_generator_loss(
         student, teacher, cache, rcfg, lcfg, crf, torch.device("cpu")
@@ -88,7 +119,7 @@ def test_cached_step_equals_uncached_step(dataset, monkeypatch, objective, simil
     assert float(loss_c.detach()) == pytest.approx(float(loss_u.detach()), abs=1e-3)
     for key in ("retrieved_fg", "retrieved_bg", "no_retrieval_frac"):
         assert logs_c.get(key) == logs_u.get(key)
-    for gu, p in zip(grads_u, student.decoder.parameters(), strict=True):
+    for gu, p in zip(grads_u, trained, strict=True):
         assert torch.allclose(p.grad, gu, atol=2e-3, rtol=2e-2)
 
 
@@ -102,8 +133,8 @@ def test_views_are_the_datasets_epochs(dataset):
         x = torch.stack([dataset[i]["image"] for i in (0, 1)]).float() / 255
         with torch.no_grad():
             tokens = teacher.encoder(steps.normalize(x))
-        assert torch.allclose(cache["tokens"][2 * v : 2 * v + 2].float(), tokens, atol=1e-2)
-    assert not torch.equal(cache["tokens"][0], cache["tokens"][2])  # the views differ
+        assert torch.allclose(cache["state"][2 * v : 2 * v + 2].float(), tokens, atol=1e-2)
+    assert not torch.equal(cache["state"][0], cache["state"][2])  # the views differ
 
 
 def test_view_batches_order_view_and_resume():

@@ -12,7 +12,7 @@ from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, T
 from exits.data.coco import load_instances, write_table
 from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
 from exits.train.data import CropDataset, CropSpec
-from exits.train.loops import STATE_FILE, warmup_cosine
+from exits.train.loops import STATE_FILE, param_groups, warmup_cosine
 
 S = 96
 
@@ -74,6 +74,31 @@ def test_lr_schedule_known_values():
         [1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 - np.cos(np.pi / 4)), 0.0]
     )
     assert _lrs(1, 3) == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("trainable_blocks", [0, 2])
+def test_param_groups_scale_the_encoder_blocks(trainable_blocks):
+    """Fine-tuned encoder blocks at lr x encoder_lr_scale, the decoder at lr; frozen parameters
+    in no group; the warm-up cosine scales both groups alike."""
+    from exits.model.generator import build_generator
+
+    model = build_generator("vit_tiny_demo", img_size=S, trainable_blocks=trainable_blocks)
+    groups = param_groups(model, 1e-3, 0.1)
+    assert len(groups) == 1 + (trainable_blocks > 0)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.decoder.parameters()}
+    assert groups[0]["lr"] == 1e-3
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    if trainable_blocks:
+        assert groups[1]["lr"] == pytest.approx(1e-4)
+        blocks = model.encoder.vit.blocks[-trainable_blocks:]
+        assert {id(p) for p in blocks.parameters()} <= {id(p) for p in groups[1]["params"]}
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        sched = warmup_cosine(opt, 4, 10)
+        for _ in range(2):
+            opt.step()
+            sched.step()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([7.5e-4, 7.5e-5])
 
 
 def test_lr_schedule_resumes_from_saved_state(tmp_path):
