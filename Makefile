@@ -24,7 +24,7 @@ test: setup lint
 	$(PY) -m pytest tests -q --durations=15
 
 demo: setup
-	$(PY) jobs/pipeline.py --dataset demo --output runs/demo
+	$(PY) jobs/pipeline.py --dataset demo_pretrained --output runs/demo
 	@echo "report: $(CURDIR)/runs/demo/report/index.html  (metrics: runs/demo/metrics.json)"
 
 clean:

@@ -33,3 +33,15 @@ def test_stage2_batch_override() -> None:
     s2 = load_config("demo").stage2
     assert batch_override(s2) == {"train_dataloader.batch_size": 4}
     assert batch_override(load_config("coco").stage2) == {}  # the profile's (mmdet's) batch
+
+
+def test_default_profile_is_what_make_demo_runs(bench) -> None:
+    """Retention is quoted for the demo profile that ships: the one `make demo` runs."""
+    import re
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo = re.search(r"^demo:.*\n\t.*pipeline\.py --dataset (\S+)", makefile, re.M)
+    assert demo is not None and demo.group(1) == bench.FULL_CONFIG
+    assert bench.parse_args([]).profile == bench.FULL_CONFIG
+    assert load_config(bench.FULL_CONFIG).stage2 == load_config("demo").stage2
