@@ -66,8 +66,9 @@ def encode_views(
     weights equal that part (``shares_frozen_prefix``), so the extractor's tokens and
     attention come from the same pass (k = 0) or continue from the cached state through its
     own last blocks (k > 0). Returns tensors with a leading (views * len(indices)) axis,
-    view-major: state (the encoder's ``frozen_state``: (N², D) or (P + N², D)) fp16, image (3, h, h) uint8 (the crop at the prediction resolution, the CRF's input), box
-    (1, h, h) float, labels (N²) int8 and keep (N²) bool (Eq. 2-5's output before dropout and
+    view-major: state (the encoder's ``frozen_state``: (N², D) or (P + N², D)) fp16, image
+    (3, h, h) uint8 (the crop at the prediction resolution, the CRF's input), box (1, h, h)
+    float, labels (N²) int8 and keep (N²) bool (Eq. 2-5's output before dropout and
     the initial points; absent for the box-only objective). ``on_view(v)`` after each view.
     """
     model = getattr(teacher, "module", teacher)
@@ -75,7 +76,7 @@ def encode_views(
     grid = model.grid
     # the extractor's attention from this very encoder pass when they share the frozen part
     block = getattr(extractor, "attention_block", None) if shared else None
-    k = model.encoder.trainable_blocks
+    trainable = model.encoder.trainable_blocks
     out: dict[str, list[Tensor]] = {"state": [], "image": [], "box": [], "labels": [], "keep": []}
     for v in range(views):
         dataset.set_epoch(v)
@@ -84,13 +85,13 @@ def encode_views(
             batch = {k: t.to(device) for k, t in torch.utils.data.default_collate(items).items()}
             clean = normalize(batch["image"].float() / 255.0)
             if block is not None:
-                if k == 0:
+                if trainable == 0:
                     state, attention = tokens_and_attention(model.encoder, clean, block)
                     precomputed = (state, attention)
                 else:  # the extractor continues from this frozen prefix: its last blocks only
                     state = model.encoder.frozen_state(clean)
                     precomputed = continue_with_attention(
-                        extractor.encoder, state, model.encoder.depth - k, block
+                        extractor.encoder, state, model.encoder.depth - trainable, block
                     )
             else:
                 state, precomputed = model.encoder.frozen_state(clean), None
@@ -132,7 +133,8 @@ def cached_generator_loss(
     device: torch.device,
 ) -> tuple[Tensor, dict]:
     """Stage 1b's objective (Eq. 10 or box-only) on one batch of cached views: the same
-    ``objective`` as the uncached ``generator_loss``, decoder passes only."""
+    ``objective`` as the uncached ``generator_loss``; only the trainable blocks (if any) and the
+    decoder run."""
     state = batch["state"].to(device).float()
     probs = student(state=state).sigmoid()
     with torch.no_grad():
