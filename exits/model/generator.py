@@ -140,8 +140,14 @@ def shares_frozen_encoder(model: PseudoLabelGenerator, extractor: SimilarityExtr
     if a.trainable_blocks != 0 or b.trainable_blocks != 0 or type(a.vit) is not type(b.vit):
         return False
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
+    return sa.keys() == sb.keys() and _tensors_equal(sa, sb)
+
+
+def _tensors_equal(sa: dict[str, Tensor], sb: dict[str, Tensor]) -> bool:
+    """Every tensor of ``sa`` is in ``sb`` with the same shape and values."""
+    return all(
+        k in sb and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device))
+        for k in sa
     )
 
 
@@ -158,12 +164,7 @@ def shares_frozen_prefix(model: PseudoLabelGenerator, extractor: SimilarityExtra
         return shares_frozen_encoder(model, extractor)
     if extractor.attention_block < a.depth - a.trainable_blocks:
         return False
-    sa = frozen_prefix_state(a)
-    sb = b.vit.state_dict()
-    return all(
-        k in sb and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device))
-        for k in sa
-    )
+    return _tensors_equal(frozen_prefix_state(a), b.vit.state_dict())
 
 
 # --------------------------------------------------------------------------------------

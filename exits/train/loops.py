@@ -207,9 +207,11 @@ def train_loop_per_worker(config: dict) -> None:
         resumed_from = list(state.get("resumed_from", [])) + [step]
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     crf_fn = build_crf(lcfg.crf, n_iters=lcfg.crf_iters) if stage == "generator" else None
-    shared = (
-        stage == "generator" and extractor is not None and shares_frozen_encoder(teacher, extractor)
-    )
+    # the extractor's pass can reuse the teacher's: its whole frozen encoder (uncached loop) or
+    # the frozen prefix whose output the token cache holds
+    caching = stage == "generator" and tcfg.cache_views > 0
+    sharing = shares_frozen_prefix if caching else shares_frozen_encoder
+    shared = stage == "generator" and extractor is not None and sharing(teacher, extractor)
     amp = tcfg.amp and device.type == "cuda"
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
     loader_workers = int(config.get("loader_workers", 1))
@@ -239,15 +241,14 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
 
     cache = None
-    if stage == "generator" and tcfg.cache_views > 0:
+    if caching:
         if not model.encoder.cacheable:
             raise ValueError(
                 "generator.cache_views needs a frozen encoder part (0 <= model.trainable_blocks"
                 f" < {model.encoder.depth}), got {model.encoder.trainable_blocks}"
             )
-        prefix_shared = extractor is not None and shares_frozen_prefix(teacher, extractor)
-        cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device,
-                              prefix_shared, rank, world)  # fmt: skip
+        cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared,
+                              rank, world)  # fmt: skip
     t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
