@@ -1,8 +1,8 @@
 """Retention benchmark on the demo set: Mask R-CNN trained on EXITS / box-only / GT masks.
 
 Usage:
-    python bench/retention.py [--seed N] [--quick] [--profile P] [--exits-run DIR]
-                              [--box-only-run DIR]
+    python bench/retention.py [--seed N | --seeds 0,1,2] [--score-images 200] [--quick]
+                              [--profile P] [--exits-run DIR] [--box-only-run DIR]
 
 1. Pseudo-labels the demo train split twice with the pipeline's own stages
    (``prepare`` → ``warmup`` → ``generator`` → ``label``, :func:`exits.pipeline.run_pipeline`):
@@ -13,11 +13,18 @@ Usage:
    is reused, not redone (manifest fingerprints).
 2. Trains the demo profile's stage-2 model (Mask R-CNN R50-FPN, ``cpu_small``, from scratch)
    three times through :func:`exits.stage2.train_stage2` (Ray Train, CPU workers) with the
-   same schedule and seed on (a), (b) and (c) the GT masks, and scores each on the GT val
-   split with COCOeval (segm AP). Retention = AP(a) / AP(c).
+   same schedule and seed on (a), (b) and (c) the GT masks, and scores each with COCOeval
+   (segm AP) on a scoring set: ``--score-images`` (default 200) synthetic GT images drawn
+   with their own seed, never trained on (``0``: the pipeline's 24-image val split, whose AP
+   moved by up to 0.037 between stage-2 seeds). Retention = AP(a) / AP(c).
+3. With ``--seeds`` (≥ 3 for a verdict) every arm trains once per seed; the medians and
+   spreads (max − min) over the seeds are reported, and the retention is quoted only when
+   the instrument can tell: the GT arm's median beats the box arm's by more than either
+   arm's spread (:func:`verdict`).
 
 The last stdout line is one JSON object:
-``{"ap": {"exits": .., "box_only": .., "gt": ..}, "retention": .., ...}``.
+``{"ap": {"exits": .., "box_only": .., "gt": ..}, "retention": .., "ap_by_seed": ..,
+"spread": .., "instrument": {"tells": .., ..}, ...}`` (``ap``: medians over the seeds).
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ import json
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from typing import Any
 
 from exits.config import load_config
+from exits.data.synthetic import write_demo_dataset
 from exits.evaluate import mask_ap, pseudo_label_miou, retention
 from exits.pipeline import run_pipeline
 from exits.stage2 import build_stage2_config, train_stage2
@@ -50,11 +59,24 @@ RUNS = ("exits", "box_only", "gt")
 # the pipeline profile whose data, labelling and stage-2 schedule the bench uses: by default
 # the one `make demo` runs (--profile demo: the from-scratch tiny ViT)
 FULL_CONFIG, QUICK_CONFIG = "demo_pretrained", "demo_quick"
+SCORE_IMAGES = 200  # scoring-set size: 24 val images let the stage-2 seed move AP by 0.037
+SCORE_SEED_OFFSET = 10_007  # scoring set seed = the profile's synthetic_seed + this
+MIN_SEEDS_FOR_VERDICT = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="stage-2 training seed (same for all runs)")
+    p.add_argument(
+        "--seeds",
+        help="comma list of stage-2 seeds; every arm trains once per seed (overrides --seed)",
+    )
+    p.add_argument(
+        "--score-images",
+        type=int,
+        help=f"synthetic GT images (own seed) to score on (default {SCORE_IMAGES}; --quick: 0); "
+        "0: the pipeline's val split",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (demo_quick, 4 iterations)")
     p.add_argument("--profile", default=FULL_CONFIG, help="pipeline profile (default: make demo's)")
     p.add_argument(
@@ -85,7 +107,71 @@ def validate(args: argparse.Namespace, s2cfg: Any) -> list[str]:
             f"stage 2 needs {need} CPUs (workers x stage2.cpus_per_worker) but the local Ray "
             f"instance has --num-cpus {args.num_cpus}: Ray Train would wait forever"
         )
+    if args.score_images is None:
+        args.score_images = 0 if args.quick else SCORE_IMAGES
+    if args.score_images < 0:
+        raise ValueError(f"--score-images must be >= 0, got {args.score_images}")
+    seeds_of(args)
     return wanted
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """The stage-2 seeds: ``--seeds`` (distinct integers) or ``[--seed]``."""
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name distinct seeds, got {args.seeds!r}")
+    return seeds
+
+
+def scoring_set(data: dict[str, Any], cfg: Any, root: str, num_images: int) -> dict[str, str]:
+    """GT json + image folder the stage-2 arms are scored on: ``num_images`` synthetic images
+    drawn with their own seed (never trained on), or the pipeline's val split for 0."""
+    if num_images == 0:
+        return {"val_annotations": data["val_annotations"], "val_images": data["val_images"]}
+    out = write_demo_dataset(
+        os.path.join(root, f"score-{num_images}"),
+        num_images=num_images,
+        image_size=cfg.data.synthetic_image_size,
+        seed=cfg.data.synthetic_seed + SCORE_SEED_OFFSET,
+        val_fraction=1.0,
+    )
+    return {"val_annotations": out["val_annotations"], "val_images": out["images"]}
+
+
+def verdict(ap_by_seed: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """Medians, spreads and whether the instrument can tell, from ``{arm: {seed: AP}}``.
+
+    It can tell when the GT and box-only arms each ran at ≥ 3 seeds and the GT median beats the box-only arm's by
+    more than the larger of the two arms' spreads (max − min over the seeds); only then is
+    a retention (the median over seeds of AP_exits / AP_gt of the same seed) quoted.
+    """
+    median = {a: statistics.median(v.values()) for a, v in ap_by_seed.items() if v}
+    spread = {a: max(v.values()) - min(v.values()) for a, v in ap_by_seed.items() if v}
+    seeds = sorted(set().union(*(v.keys() for v in ap_by_seed.values()))) if ap_by_seed else []
+    per_seed = {
+        sd: _ratio(ap_by_seed["exits"][sd], ap_by_seed["gt"][sd])
+        for sd in seeds
+        if sd in ap_by_seed.get("exits", {}) and sd in ap_by_seed.get("gt", {})
+    }
+    gap = noise = None
+    if "gt" in median and "box_only" in median:
+        gap = median["gt"] - median["box_only"]
+        noise = max(spread["gt"], spread["box_only"])
+    enough = all(len(ap_by_seed.get(a, {})) >= MIN_SEEDS_FOR_VERDICT for a in ("gt", "box_only"))
+    tells = enough and gap is not None and gap > noise
+    ratios = [r for r in per_seed.values() if r is not None]
+    return {
+        "median": median,
+        "spread": spread,
+        "retention_by_seed": per_seed,
+        "instrument": {"seeds": len(seeds), "gt_minus_box": gap, "noise": noise, "tells": tells},
+        "retention": statistics.median(ratios) if tells and ratios else None,
+    }
 
 
 def pseudo_labels(config: str, overrides: list[str], run_dir: str, kind: str) -> dict[str, Any]:
@@ -110,22 +196,31 @@ def check_pseudo_json(pseudo_json: str, gt_json: str) -> None:
 
 
 def train_and_score(
-    train_json: str, data: dict[str, Any], s2cfg: Any, runs: str, name: str, args, scale: dict
+    train_json: str,
+    data: dict[str, Any],
+    score: dict[str, str],
+    s2cfg: Any,
+    runs: str,
+    name: str,
+    seed: int,
+    args,
+    scale: dict,
 ) -> dict[str, float]:
-    """Train the stage-2 model on ``train_json``; COCOeval of its final val predictions."""
+    """Train the stage-2 model on ``train_json`` (images of ``data``); COCOeval of its final
+    predictions on the scoring set ``score`` (mmdet's end-of-training validation)."""
     start = time.time()
     cfg = build_stage2_config(
         s2cfg.model,
         train_json=train_json,
-        val_json=data["val_annotations"],
+        val_json=score["val_annotations"],
         images_root=data["images"],
-        val_images_root=data["val_images"],
+        val_images_root=score["val_images"],
         work_dir=os.path.join(runs, "work", name),
         profile=s2cfg.profile,
         max_iters=scale["max_iters"],
         dataset="demo",
         image_size=s2cfg.image_size or None,
-        seed=args.seed,
+        seed=seed,
         **{
             "default_hooks.checkpoint.interval": scale["checkpoint_interval"],
             "model.backbone.depth": args.depth,
@@ -145,7 +240,7 @@ def train_and_score(
     if result.error is not None:
         raise RuntimeError(f"stage-2 run {name} failed: {result.error}")
     preds = os.path.join(result.path, PREDICTIONS_DIR, f"val_iter_{scale['max_iters']}.segm.json")
-    stats = mask_ap(data["val_annotations"], preds, iou_types=("segm",))["segm"]
+    stats = mask_ap(score["val_annotations"], preds, iou_types=("segm",))["segm"]
     return {"AP": stats["AP"], "AP50": stats["AP50"], "seconds": round(time.time() - start, 1)}
 
 
@@ -190,27 +285,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sources = {kind: labels[kind]["pseudo_json"] for kind in labels} | {"gt": gt_train}
     for kind in labels:
         check_pseudo_json(sources[kind], gt_train)
+    score = scoring_set(data, cfg, root, args.score_images)
     runs = os.path.join(root, "stage2")
-    scores = {
-        k: train_and_score(src, data, s2cfg, runs, k, args, scale)
-        for k, src in sources.items()
-        if k in wanted
-    }
+    seeds = seeds_of(args)
+    scores: dict[str, dict[int, dict[str, float]]] = {k: {} for k in sources if k in wanted}
+    for seed in seeds:
+        for k in scores:
+            name = k if len(seeds) == 1 else f"{k}-seed{seed}"
+            scores[k][seed] = train_and_score(
+                sources[k], data, score, s2cfg, runs, name, seed, args, scale
+            )
+            print(f"seed {seed} {k}: segm AP {scores[k][seed]['AP']:.4f}", flush=True)
     ray.shutdown()
 
-    ap = {k: (scores[k]["AP"] if k in scores else None) for k in ("exits", "box_only", "gt")}
+    ap_by_seed = {k: {sd: v["AP"] for sd, v in by.items()} for k, by in scores.items()}
+    judged = verdict(ap_by_seed)
+    ap = {k: judged["median"].get(k) for k in RUNS}
     out = {
         "ap": ap,
-        "retention": _ratio(ap["exits"], ap["gt"]),
+        "retention": judged["retention"],  # null until the instrument can tell
         "retention_box_only": _ratio(ap["box_only"], ap["gt"]),
-        "ap50": {k: v["AP50"] for k, v in scores.items()},
+        "ap_by_seed": ap_by_seed,
+        "spread": judged["spread"],
+        "retention_by_seed": judged["retention_by_seed"],
+        "instrument": judged["instrument"],
+        "ap50": {k: statistics.median(v["AP50"] for v in by.values()) for k, by in scores.items()},
         "pseudo_label_miou": {
             k: pseudo_label_miou(gt_train, v["pseudo_json"])["all"]["miou"]
             for k, v in labels.items()
         },
         "seconds_label": {k: v["seconds"] for k, v in labels.items()},
-        "seconds_stage2": {k: v["seconds"] for k, v in scores.items()},
-        "seed": args.seed,
+        "seconds_stage2": {k: [v["seconds"] for v in by.values()] for k, by in scores.items()},
+        "seeds": seeds,
+        "score_images": args.score_images or "pipeline val split",
         "model": s2cfg.model,
         "depth": args.depth,
         **scale,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from exits.config import load_config
@@ -45,3 +47,83 @@ def test_default_profile_is_what_make_demo_runs(bench) -> None:
     assert demo is not None and demo.group(1) == bench.FULL_CONFIG
     assert bench.parse_args([]).profile == bench.FULL_CONFIG
     assert load_config(bench.FULL_CONFIG).stage2 == load_config("demo").stage2
+
+
+def test_seeds_are_parsed_and_validated(bench) -> None:
+    s2 = load_config("demo").stage2
+    assert bench.seeds_of(bench.parse_args([])) == [0]
+    assert bench.seeds_of(bench.parse_args(["--seed", "4"])) == [4]
+    assert bench.seeds_of(bench.parse_args(["--seed", "4", "--seeds", "0,1, 2"])) == [0, 1, 2]
+    for bad in ("0,0", "a,1", ","):
+        with pytest.raises(ValueError, match="--seeds"):
+            bench.validate(bench.parse_args(["--seeds", bad]), s2)
+    with pytest.raises(ValueError, match="--score-images"):
+        bench.validate(bench.parse_args(["--score-images", "-1"]), s2)
+    args = bench.parse_args([])
+    bench.validate(args, s2)
+    assert args.score_images == bench.SCORE_IMAGES
+    quick = bench.parse_args(["--quick"])
+    bench.validate(quick, s2)
+    assert quick.score_images == 0  # the smoke run scores on the pipeline's val split
+
+
+def test_verdict_quotes_retention_only_when_gt_beats_box_beyond_the_spread(bench) -> None:
+    ap = {
+        "exits": {0: 0.027, 1: 0.028, 2: 0.023},
+        "box_only": {0: 0.012, 1: 0.010, 2: 0.013},
+        "gt": {0: 0.027, 1: 0.025, 2: 0.021},
+    }
+    v = bench.verdict(ap)
+    assert v["median"] == pytest.approx({"exits": 0.027, "box_only": 0.012, "gt": 0.025})
+    assert v["spread"] == pytest.approx({"exits": 0.005, "box_only": 0.003, "gt": 0.006})
+    # hand-computed: gap 0.025 - 0.012 = 0.013 > noise max(0.006, 0.003)
+    assert v["instrument"]["gt_minus_box"] == pytest.approx(0.013)
+    assert v["instrument"]["noise"] == pytest.approx(0.006)
+    assert v["instrument"]["tells"] is True and v["instrument"]["seeds"] == 3
+    # per seed 0.027/0.027 = 1, 0.028/0.025 = 1.12, 0.023/0.021 = 1.0952...; median 1.0952
+    assert v["retention_by_seed"] == pytest.approx({0: 1.0, 1: 1.12, 2: 0.023 / 0.021})
+    assert v["retention"] == pytest.approx(0.023 / 0.021)
+
+    # the session-6 instrument: 24 val images, GT 0.061/0.051/0.064 vs box 0.047 at seed 0
+    noisy = {"exits": {0: 0.090, 1: 0.066, 2: 0.053}, "box_only": {0: 0.047},
+             "gt": {0: 0.061, 1: 0.051, 2: 0.064}}  # fmt: skip
+    v = bench.verdict(noisy)
+    assert v["instrument"]["gt_minus_box"] == pytest.approx(0.014)
+    assert v["instrument"]["noise"] == pytest.approx(0.013)
+    assert v["instrument"]["tells"] is False  # 0.014 > 0.013, but the box ran at one seed
+    assert v["retention"] is None and v["retention_by_seed"][0] == pytest.approx(0.090 / 0.061)
+    noisy["box_only"] |= {1: 0.046, 2: 0.048}
+    assert bench.verdict(noisy)["instrument"]["tells"] is True  # by a hair: 0.014 > 0.013
+    noisy["box_only"][1] = 0.060  # a box seed near GT widens the spread past the gap
+    assert bench.verdict(noisy)["instrument"]["tells"] is False
+    assert bench.verdict(noisy)["retention"] is None
+
+    two_seeds = {k: {s: a for s, a in v.items() if s < 2} for k, v in ap.items()}
+    assert bench.verdict(two_seeds)["instrument"]["tells"] is False  # < 3 seeds: no verdict
+    assert bench.verdict(two_seeds)["retention"] is None
+    no_box = {k: v for k, v in ap.items() if k != "box_only"}
+    assert bench.verdict(no_box)["instrument"]["gt_minus_box"] is None
+    assert bench.verdict(no_box)["retention"] is None
+
+
+def test_scoring_set_is_drawn_apart_from_the_training_data(bench, tmp_path) -> None:
+    import json
+
+    cfg = load_config("demo_quick")
+    piped = {"val_annotations": "v.json", "val_images": "imgs"}
+    assert bench.scoring_set(piped, cfg, str(tmp_path), 0) == piped
+    score = bench.scoring_set(piped, cfg, str(tmp_path), 6)
+    gt = json.loads(open(score["val_annotations"]).read())
+    assert len(gt["images"]) == 6 and gt["annotations"]
+    names = {im["file_name"] for im in gt["images"]}
+    assert all(os.path.isfile(os.path.join(score["val_images"], n)) for n in names)
+    # its own seed: other pixels than the profile's own images of the same index
+    from exits.data.synthetic import write_demo_dataset
+
+    own = write_demo_dataset(
+        str(tmp_path / "own"), num_images=6, image_size=cfg.data.synthetic_image_size,
+        seed=cfg.data.synthetic_seed, val_fraction=1.0,
+    )  # fmt: skip
+    a = open(os.path.join(score["val_images"], "demo_00000.png"), "rb").read()
+    b = open(os.path.join(own["images"], "demo_00000.png"), "rb").read()
+    assert a != b

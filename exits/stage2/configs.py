@@ -188,8 +188,11 @@ def apply_cpu_small(cfg: Config, profile: dict[str, Any], max_iters: int) -> Non
     image_size = int(profile["image_size"])
     train_pipeline, test_pipeline = small_pipelines(image_size)
     cfg.train_dataloader.dataset.pipeline = train_pipeline
-    cfg.val_dataloader.dataset.pipeline = test_pipeline
-    for loader in ("train_dataloader", "val_dataloader"):
+    # test = val: the saved config (mmdet's inference_detector, tools/test.py) must predict at
+    # the scale the model was trained and validated at, not the shipped 1333x800
+    for loader in ("val_dataloader", "test_dataloader"):
+        cfg[loader].dataset.pipeline = copy.deepcopy(test_pipeline)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         cfg[loader].num_workers = 0
         cfg[loader].persistent_workers = False
     cfg.train_dataloader.batch_size = int(profile["batch_size"])

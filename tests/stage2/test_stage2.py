@@ -126,6 +126,13 @@ def test_configs_set_classes_and_small_profile(pseudo_json, demo_dataset, tmp_pa
     assert [s["type"] for s in twelve.param_scheduler] == ["LinearLR", "MultiStepLR"]
     assert twelve.param_scheduler[1]["milestones"] == [8, 11]
     assert twelve.model.train_cfg.rcnn.sampler.num == 32  # cpu_small: <= 4 objects per image
+    # the saved config predicts at the trained/validated scale (mmdet's inference_detector and
+    # tools/test.py read test_dataloader), not the shipped 1333x800
+    for c in (cfg, twelve):
+        resize = [t for t in c.test_dataloader.dataset.pipeline if t["type"] == "Resize"]
+        assert [t["scale"] for t in resize] == [(IMAGE_SIZE, IMAGE_SIZE)]
+        assert c.test_dataloader.dataset.pipeline == c.val_dataloader.dataset.pipeline
+        assert c.test_dataloader.num_workers == 0
     assert cfg.train_dataloader.dataset.ann_file == os.path.abspath(pseudo_json)
     assert cfg.val_evaluator.ann_file == os.path.abspath(demo_dataset["val_annotations"])
 
