@@ -146,9 +146,10 @@ def scoring_set(data: dict[str, Any], cfg: Any, root: str, num_images: int) -> d
 def verdict(ap_by_seed: dict[str, dict[int, float]]) -> dict[str, Any]:
     """Medians, spreads and whether the instrument can tell, from ``{arm: {seed: AP}}``.
 
-    It can tell when the GT and box-only arms each ran at ≥ 3 seeds and the GT median beats the box-only arm's by
-    more than the larger of the two arms' spreads (max − min over the seeds); only then is
-    a retention (the median over seeds of AP_exits / AP_gt of the same seed) quoted.
+    It can tell when the GT and box-only arms each ran at ≥ 3 seeds and the GT median beats
+    the box-only median by more than the larger of the two arms' spreads (max − min over the
+    seeds); only then is a retention (the median over seeds of AP_exits / AP_gt of the same
+    seed) quoted.
     """
     median = {a: statistics.median(v.values()) for a, v in ap_by_seed.items() if v}
     spread = {a: max(v.values()) - min(v.values()) for a, v in ap_by_seed.items() if v}
