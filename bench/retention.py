@@ -92,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=50, choices=sorted(FPN_IN_CHANNELS), help="ResNet")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list of runs from {RUNS}")
     p.add_argument("--work-dir", help="where runs go (default: a temp dir)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.score_images is None:  # its default depends on --quick
+        args.score_images = 0 if args.quick else SCORE_IMAGES
+    return args
 
 
 def validate(args: argparse.Namespace, s2cfg: Any) -> list[str]:
@@ -107,8 +110,6 @@ def validate(args: argparse.Namespace, s2cfg: Any) -> list[str]:
             f"stage 2 needs {need} CPUs (workers x stage2.cpus_per_worker) but the local Ray "
             f"instance has --num-cpus {args.num_cpus}: Ray Train would wait forever"
         )
-    if args.score_images is None:
-        args.score_images = 0 if args.quick else SCORE_IMAGES
     if args.score_images < 0:
         raise ValueError(f"--score-images must be >= 0, got {args.score_images}")
     seeds_of(args)
@@ -153,7 +154,7 @@ def verdict(ap_by_seed: dict[str, dict[int, float]]) -> dict[str, Any]:
     """
     median = {a: statistics.median(v.values()) for a, v in ap_by_seed.items() if v}
     spread = {a: max(v.values()) - min(v.values()) for a, v in ap_by_seed.items() if v}
-    seeds = sorted(set().union(*(v.keys() for v in ap_by_seed.values()))) if ap_by_seed else []
+    seeds = sorted(set().union(*(v.keys() for v in ap_by_seed.values())))
     per_seed = {
         sd: _ratio(ap_by_seed["exits"][sd], ap_by_seed["gt"][sd])
         for sd in seeds
