@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -153,6 +154,32 @@ def publish_bytes(uri: str, data: bytes, filesystem: pafs.FileSystem | None = No
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+TEMP_MARK = ".tmp-"  # publish_bytes / publish_stream write "<target>.tmp-<8 hex>" first
+_TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{8}$")
+
+
+def remove_stale_temps(uri: str) -> list[str]:
+    """Remove the temp files an interrupted local publish left (``<name>.tmp-<8 hex>``): for a
+    directory every one under it, for a file path those of that target. Returns their paths.
+
+    Only safe when no one else is publishing there (the output's lease, :mod:`exits.lease`).
+    s3 publishes leave nothing in the bucket (their temp file is local), so s3 is a no-op."""
+    if is_s3(uri) or "://" in str(uri).replace("file://", "", 1):
+        return []
+    path = get_filesystem(uri)[1]
+    if os.path.isdir(path):
+        found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                 if _TEMP_RE.search(f)]  # fmt: skip
+    else:
+        parent, base = os.path.split(path)
+        found = [os.path.join(parent, f) for f in (os.listdir(parent) if os.path.isdir(parent)
+                 else []) if f.startswith(base + TEMP_MARK) and _TEMP_RE.search(f)]  # fmt: skip
+    for f in found:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
+    return found
 
 
 def upload_dir(local_dir: str, uri: str, filesystem: pafs.FileSystem | None = None) -> None:

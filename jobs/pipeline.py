@@ -9,7 +9,9 @@ Usage:
     python jobs/pipeline.py --dataset demo --verbose      # Ray's own output on the console too
 
 ``--dataset`` is demo | coco | lvis | voc or a path to a dataset YAML. Re-running with the same
-output skips finished stages (manifests) and resumes unfinished ones.
+output skips finished stages (manifests) and resumes unfinished ones. One run owns an output at a
+time (``<output>/lease.json``, :mod:`exits.lease`): a second job on it is refused while the
+first runs; ``--take-over`` takes the lease of a dead run before it expires.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--s3-endpoint", default=None, help="S3 endpoint override (else $EXITS_S3_ENDPOINT)"
     )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs to use")
+    p.add_argument("--take-over", action="store_true",
+                   help="take the output's lease from another run (only when that run is dead)")  # fmt: skip
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's own output on the console too (else it goes to <output>/logs/)")  # fmt: skip
     return p.parse_args(argv)
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(dataset, args.overrides)  # every value checked here, before Ray
     from exits import storage
     from exits.console import run_console
+    from exits.lease import OutputLease
     from exits.pipeline import abspath_if_local, run_pipeline, summary_line
 
     if args.s3_endpoint:
@@ -74,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     output = abspath_if_local(args.output or os.path.join("runs", cfg.data.name))
     # Under `ray job submit` RAY_ADDRESS is set and this connects to the cluster; otherwise a
     # local Ray instance is started. Quiet console unless --verbose (exits/console.py).
-    with run_console(output, verbose=args.verbose, num_cpus=args.num_cpus):
+    # one owner per output directory, taken before anything (logs included) is written there
+    with (
+        OutputLease(output, take_over=args.take_over),
+        run_console(output, verbose=args.verbose, num_cpus=args.num_cpus),
+    ):
         results = run_pipeline(
             cfg, output, stages=args.stages, from_stage=args.from_stage, force=args.force
         )

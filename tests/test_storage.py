@@ -5,7 +5,8 @@ import os
 import pytest
 
 from exits import storage
-from exits.data.coco import load_instances, read_table, write_table
+from exits.data.coco import read_table, write_table
+from exits.data.prepare import load_instances
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from exits.data.validate import check_segmentation
+from exits.data.validate import check_segmentation, crowd_flag
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,17 @@ def usable_detections(
         logger.warning("%s: %d of %d predictions left out: %s", iou_type, sum(skipped.values()),
                        len(results), dict(skipped))  # fmt: skip
     return keep, dict(skipped)
+
+
+def gt_crowd(ann: Mapping[str, Any]) -> bool:
+    """Whether a GT annotation is crowd (skipped by the mIoU, ignored by COCOeval), by prepare's
+    rule (:func:`exits.data.validate.crowd_flag`): JSON true/false or 0/1, absent = not crowd.
+    Any other value (the string ``"0"``, null, 2) is a ``ValueError`` naming the annotation id:
+    ``"0"`` is truthy in Python and would silently drop the instance as crowd."""
+    try:
+        return crowd_flag(ann.get("iscrowd", 0))
+    except ValueError as e:
+        raise ValueError(f"GT annotation id {str(ann.get('id'))[:40]!r}: {e}") from None
 
 
 def gt_rle(ann: Mapping[str, Any], img: Mapping[str, Any] | None) -> dict | None:

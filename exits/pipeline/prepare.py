@@ -103,7 +103,8 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
     out = {name: stage_uri(run, "prepare", name) for name in PREPARE_ARTIFACTS}
     c = prepare_instances(paths["annotations"], paths["images"], out["instances.parquet"],
                           out["errors.parquet"], shard_images=d.prepare_shard_images,
-                          max_instances=d.max_instances, max_pixels=d.max_image_pixels)  # fmt: skip
+                          max_instances=d.max_instances, max_pixels=d.max_image_pixels,
+                          max_bytes=d.max_image_bytes)  # fmt: skip
     counts = {"instances": c["instances"], "errors": c["errors"], "separated": c["separated"],
               "shards": c["shards"]}  # fmt: skip
     if paths["val_annotations"]:
@@ -113,7 +114,7 @@ def run_prepare(cfg: PipelineConfig, run: str, fp: str) -> dict:
         v = prepare_instances(paths["val_annotations"], paths["val_images"],
                               out["val_instances.parquet"], out["val_errors.parquet"],
                               shard_images=d.prepare_shard_images,
-                              max_pixels=d.max_image_pixels)  # fmt: skip
+                              max_pixels=d.max_image_pixels, max_bytes=d.max_image_bytes)  # fmt: skip
         counts.update(val_instances=v["instances"], val_errors=v["errors"])
     log.info("prepare: %s", counts)
     return manifest.write_manifest(

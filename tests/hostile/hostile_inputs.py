@@ -11,6 +11,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -137,3 +139,23 @@ BAD_ID_REASONS = (
     "outside the int64 range",
     "'abc' is a str",
 )
+
+
+_HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from exits.lease import OutputLease
+with OutputLease({out!r}, heartbeat_s=0.2):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def hold_in_subprocess(out: str) -> subprocess.Popen:
+    """Another process on this host that holds the lease of ``out`` (as a running job does)
+    until killed; returns once the lease is taken."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(repo=REPO, out=out)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -123,3 +123,59 @@ def test_huge_declared_size_does_not_hang(ray_local, checkpoint, job, tmp_path):
     assert summary["masks"] == 1 and summary["errors"] == 1
     (row,) = read_errors(out).to_pylist()
     assert row["ann_id"] == 2 and "differs from annotation 60000x60000" in row["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_jobs_on_one_output(ray_local, checkpoint, job, tmp_path):
+    """Issue 26 item 1: a second job on an output another (live) run holds is refused before it
+    writes anything; once that run is dead (kill -9: its lease stays, its pid is gone) the job
+    takes over, removes leftovers of interrupted writes, and every annotation is there once."""
+    from hostile_inputs import hold_in_subprocess
+
+    from exits.lease import LeaseHeld, read_lease
+
+    ann, images, expected = write_hostile_dataset(str(tmp_path / "d"), str(tmp_path / "o"))
+    out = str(tmp_path / "run")
+    other = hold_in_subprocess(out)  # a running job holds the output
+    try:
+        with pytest.raises(LeaseHeld, match=f"pid {other.pid}"):
+            run_job(job, checkpoint, ann, images, out)
+        assert sorted(os.listdir(out)) == ["lease.json", "lease.lock"]
+    finally:
+        other.kill()
+        other.wait()
+    os.makedirs(os.path.join(out, "label"))
+    stale = os.path.join(out, "label", "pseudo_coco.json.tmp-0123abcd")
+    open(stale, "wb").close()  # what kill -9 during export leaves
+    summary = run_job(job, checkpoint, ann, images, out)
+    n = len(json.load(open(ann))["annotations"])
+    assert summary["masks"] + summary["errors"] + summary["prepare_errors"] == n
+    ids = read_masks(out)["ann_id"].to_pylist() + [
+        r for r in read_errors(out)["ann_id"].to_pylist() if r is not None
+    ]
+    assert sorted(ids) == sorted(expected)  # every annotation with an id exactly once
+    assert not os.path.exists(stale) and read_lease(out) is None
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_one_image_with_many_annotations_streams(ray_local, checkpoint, job, tmp_path):
+    """Issue 26 item 10: 10,000 annotations on one image gave the first progress line after
+    ~9 minutes (the whole image was one block). The image is split into pieces of
+    batch_size * ROW_BATCHES instances, so the first results arrive after one piece."""
+    from hostile_inputs import SIZE, good_image, png
+
+    from exits.label.run import ROW_BATCHES
+
+    (tmp_path / "a.png").write_bytes(png(good_image(0)))
+    n = 96
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": SIZE, "width": SIZE}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": 1,
+                             "bbox": [i % 50, i % 40, 30, 30]} for i in range(1, n + 1)],
+            "categories": [{"id": 1, "name": "x"}]}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    summary = run_job(job, checkpoint, str(tmp_path / "a.json"), str(tmp_path), str(tmp_path / "r"))
+    assert summary["masks"] == n
+    assert summary["first_result_rows"] <= 2 * ROW_BATCHES  # --batch-size 2: one piece
+    assert sorted(read_masks(str(tmp_path / "r"))["ann_id"].to_pylist()) == list(range(1, n + 1))

@@ -17,8 +17,8 @@ from hostile_inputs import (
     write_hostile_dataset,
 )
 
-from exits.data.coco import load_instances
 from exits.data.images import ImageError, decode_image, image_uri, load_image_under
+from exits.data.prepare import load_instances
 from exits.data.validate import check_segmentation, rle_string_counts
 
 
@@ -176,3 +176,89 @@ def test_prepare_limit_is_config(tmp_path):
     _, err = load_instances(str(tmp_path / "a.json"), str(tmp_path), max_pixels=SIZE * SIZE - 1)
     assert "exceeds data.max_image_pixels" in err["reason"][0].as_py()
     assert os.path.exists(tmp_path / "a.png")
+
+
+def _oversized_dataset(tmp_path, big_bytes: int) -> tuple[str, str]:
+    """``big.png``: a valid 16x16 PNG extended (sparse, no disk used) to ``big_bytes``, holding
+    annotations 1, 2, 3; ``small.png`` a valid 16x16 PNG holding annotation 4."""
+    from PIL import Image
+
+    for name in ("big.png", "small.png"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / name)
+    os.truncate(tmp_path / "big.png", big_bytes)
+    box = [2, 2, 8, 8]
+    coco = {"images": [{"id": 1, "file_name": "big.png", "height": 16, "width": 16},
+                       {"id": 2, "file_name": "small.png", "height": 16, "width": 16}],
+            "annotations": [{"id": k, "image_id": 1 if k < 4 else 2, "category_id": 1,
+                             "bbox": box} for k in (1, 2, 3, 4)],
+            "categories": [{"id": 1}]}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    return str(tmp_path / "a.json"), str(tmp_path)
+
+
+def test_prepare_refuses_files_over_the_byte_limit(tmp_path):
+    """Issue 26 item 5 at prepare: a file over ``data.max_image_bytes`` (default 64 MiB) is an
+    error row for each of its annotations, from its size alone (never read), so training and
+    labelling never see it; every annotation appears exactly once."""
+    from exits.config import DataConfig
+
+    big = DataConfig.max_image_bytes + 1  # 64 MiB + 1, sparse
+    ann, root = _oversized_dataset(tmp_path, big)
+    inst, err = load_instances(ann, root)  # the default limit
+    assert inst["ann_id"].to_pylist() == [4]
+    want = f"image file too large: {big} bytes exceeds data.max_image_bytes = {big - 1}"
+    assert reasons_by_ann(err) == {1: want, 2: want, 3: want}
+    assert err["image_id"].to_pylist() == [1, 1, 1]
+    # one byte more than the small file: it passes; one byte less: refused too
+    small = os.path.getsize(os.path.join(root, "small.png"))
+    inst, err = load_instances(ann, root, max_bytes=small)
+    assert inst["ann_id"].to_pylist() == [4] and sorted(err["ann_id"].to_pylist()) == [1, 2, 3]
+    inst, err = load_instances(ann, root, max_bytes=small - 1)
+    assert inst.num_rows == 0 and sorted(err["ann_id"].to_pylist()) == [1, 2, 3, 4]
+    assert reasons_by_ann(err)[4] == (
+        f"image file too large: {small} bytes exceeds data.max_image_bytes = {small - 1}"
+    )
+    inst, _ = load_instances(ann, root, max_bytes=None)  # no limit: the header is fine
+    assert sorted(inst["ann_id"].to_pylist()) == [1, 2, 3, 4]
+
+
+def test_sharded_prepare_and_pipeline_pass_the_configured_byte_limit(tmp_path, monkeypatch):
+    """The sharded prepare (its shard tasks) takes ``max_bytes``, and the pipeline's prepare
+    stage passes ``data.max_image_bytes`` from the config to it."""
+    from exits.config import DataConfig
+    from exits.data.coco import read_table
+    from exits.data.prepare import prepare_instances
+
+    ann, root = _oversized_dataset(tmp_path, 5000)
+    out = tmp_path / "out"
+    c = prepare_instances(ann, root, str(out / "instances.parquet"), str(out / "errors.parquet"),
+                          shard_images=1, use_ray=False, max_bytes=4999)  # fmt: skip
+    assert (c["instances"], c["errors"]) == (1, 3)
+    err = read_table(str(out / "errors.parquet"))
+    assert sorted(err["ann_id"].to_pylist()) == [1, 2, 3]
+    assert set(err["reason"].to_pylist()) == {
+        "image file too large: 5000 bytes exceeds data.max_image_bytes = 4999"
+    }
+    import exits.data.prepare as prep
+    from exits.pipeline import prepare as stage
+
+    seen = []
+    monkeypatch.setattr(prep, "prepare_instances", lambda *a, **kw: seen.append(kw) or {
+        "instances": 0, "errors": 0, "separated": 0, "shards": 0})  # fmt: skip
+    monkeypatch.setattr(stage.manifest, "write_manifest", lambda *a, **kw: kw)
+    cfg = type("Cfg", (), {"data": DataConfig(annotations=ann, images=root, max_image_bytes=1234)})
+    stage.run_prepare(cfg, str(tmp_path / "run"), "fp")
+    assert [kw["max_bytes"] for kw in seen] == [1234]
+
+
+def test_training_crops_take_the_byte_limit(tmp_path):
+    """A file that grew past ``data.max_image_bytes`` after prepare is refused by the training
+    / eval crops before it is read (``CropDataset(max_image_bytes=...)``); None reads it."""
+    from exits.train.data import CropDataset, CropSpec
+
+    ann, root = _oversized_dataset(tmp_path, 5000)
+    inst, _ = load_instances(ann, root, max_bytes=None)  # as prepared before the file grew
+    spec = CropSpec(size=32, train=False)
+    assert CropDataset(inst, root, spec)[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(ImageError, match="^image file too large: 5000 bytes exceeds .* = 4999$"):
+        CropDataset(inst, root, spec, max_image_bytes=4999)[0]
