@@ -127,8 +127,12 @@ _handle_cache: dict[str, object] = {}
 
 
 def _board():
-    """The driver's relay actor (handle kept once found); None when there is none."""
-    import ray
+    """The driver's relay actor (handle kept once found); None when there is none (or no Ray:
+    ``exits.train.local`` on a machine without it)."""
+    try:
+        import ray
+    except ImportError:
+        return None
 
     if not ray.is_initialized():
         return None

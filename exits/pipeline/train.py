@@ -29,6 +29,11 @@ def _train_stage(cfg: PipelineConfig, run: str, fp: str, stage: str) -> dict:
         stage, stage_uri(run, "prepare", "instances.parquet"), paths["images"], cfg.crop, cfg.model,
         cfg.retrieval, cfg.loss, tcfg, extractor_checkpoint=extractor, marker_dir=stage_uri(run, stage),
     )  # fmt: skip
+    if stage == "generator":  # refuse a token cache over generator.cache_max_gb before Ray Train
+        from exits.train.feature_cache import check_run_token_cache
+
+        check_run_token_cache(loop["instances"], cfg.model, cfg.crop.size, tcfg,
+                              cfg.loss.objective == "exits")  # fmt: skip
     result = fit(loop, tcfg, stage_uri(run, stage, "ray"), name="train")
     if result.error is not None:
         raise RuntimeError(f"stage {stage} failed: {result.error}")
@@ -73,7 +78,8 @@ def _stage_metrics(
             size=cfg.crop.size, train=False, inference_enlarge=cfg.crop.inference_enlarge
         )
         loader = torch.utils.data.DataLoader(
-            CropDataset(table, paths["val_images"], spec), batch_size=32
+            CropDataset(table, paths["val_images"], spec, max_image_bytes=cfg.data.max_image_bytes),
+            batch_size=32,
         )
         out = {}
         for source in ("attention", cfg.retrieval.similarity):

@@ -22,10 +22,16 @@ photometric augmentation: it would need an encoder pass per step); point dropout
 drawn per step. Memory: per crop and view the state ((P +) N² x D fp16: 197 KB for ViT-S/14 224²)
 plus small tensors (crop at the prediction resolution for the CRF, labels): for small datasets
 (the CPU real-photo profile), not LVIS; ``generator.cache_views: 0`` (default) is the
-uncached loop.
+uncached loop. The cache lives in the worker's memory, so a configuration whose cache would
+exceed ``generator.cache_max_gb`` per worker (default: half the node's memory shared by the
+workers on it) is refused before anything is encoded (:func:`check_token_cache`), by the
+driver before Ray Train starts when the limit is set, and by each worker against its node.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +45,83 @@ from exits.train.data import CropDataset
 from exits.train.steps import box_mask_at, objective, point_labels
 
 TOKEN_DTYPE = torch.float16
+# share of a node's memory the token caches of the workers on it may take when
+# generator.cache_max_gb is 0 (the rest: model, optimiser, loader processes, the object store)
+CACHE_MEMORY_FRACTION = 0.5
+
+
+def crop_cache_bytes(
+    grid: int, embed_dim: int, prefix_tokens: int, out_size: int, points: bool
+) -> int:
+    """Bytes one crop holds per view in ``encode_views``' cache.
+
+    state (T, D) fp16 with T = N² (frozen encoder, k = 0) or P + N² (k > 0: ``prefix_tokens``
+    = P, else pass 0): 2·T·D; image (3, h, h) uint8: 3h²; box (1, h, h) float32: 4h²; with
+    the point objective labels (N²) int8 + keep (N²) bool: 2N². ``out_size`` = h = S / stride.
+    """
+    tokens = prefix_tokens + grid * grid
+    size = 2 * tokens * embed_dim + 3 * out_size**2 + 4 * out_size**2
+    return size + (2 * grid * grid if points else 0)
+
+
+def model_crop_cache_bytes(model: nn.Module, points: bool) -> int:
+    """``crop_cache_bytes`` of a generator (also one built on the meta device)."""
+    model = getattr(model, "module", model)
+    enc = model.encoder
+    prefix = enc.num_prefix_tokens if enc.trainable_blocks > 0 else 0
+    return crop_cache_bytes(
+        enc.grid, enc.embed_dim, prefix, model.img_size // model.output_stride, points
+    )
+
+
+def node_memory_bytes() -> int:
+    """Physical memory of this node."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cache_limit(cache_max_gb: float, node_memory: int, workers_on_node: int) -> tuple[int, str]:
+    """(bytes, how it was set): ``cache_max_gb`` x 1e9 when > 0, else
+    ``CACHE_MEMORY_FRACTION`` of ``node_memory`` shared by ``workers_on_node``."""
+    if cache_max_gb > 0:
+        return int(cache_max_gb * 1e9), f"generator.cache_max_gb = {cache_max_gb:g}"
+    limit = int(CACHE_MEMORY_FRACTION * node_memory / max(1, workers_on_node))
+    return limit, (
+        f"generator.cache_max_gb = 0: {CACHE_MEMORY_FRACTION:g} x {node_memory / 1e9:.1f} GB"
+        f" node memory / {max(1, workers_on_node)} worker(s) on the node"
+    )
+
+
+def check_token_cache(views: int, crops: int, crop_bytes: int, limit: int, source: str) -> int:
+    """The bytes a worker's cache of ``views`` x ``crops`` x ``crop_bytes`` needs; raises
+    ValueError naming that size and the limit when it is over ``limit`` (bytes)."""
+    need = views * crops * crop_bytes
+    if need > limit:
+        raise ValueError(
+            f"generator.cache_views = {views} needs a token cache of {views} views x {crops:,}"
+            f" crops per worker x {crop_bytes:,} bytes per crop = {need / 1e9:.3g} GB per"
+            f" worker, over the limit of {limit / 1e9:.3g} GB ({source}); lower"
+            " generator.cache_views, add workers (generator.num_workers), raise"
+            " generator.cache_max_gb, or set generator.cache_views = 0 (the uncached loop)"
+        )
+    return need
+
+
+def check_run_token_cache(instances: str, model_cfg, crop_size: int, tcfg, points: bool) -> None:
+    """Driver-side check before Ray Train starts: the table's row count (Parquet footers), the
+    model's shapes (built on the meta device: no weights) and an explicit
+    ``generator.cache_max_gb`` (the default limit depends on the workers' nodes: each worker
+    checks it before encoding)."""
+    if tcfg.cache_views <= 0 or tcfg.cache_max_gb <= 0:
+        return
+    from exits.model.generator import build_generator
+    from exits.train.shards import table_layout
+
+    crops = math.ceil(table_layout(instances).num_rows / tcfg.num_workers)
+    with torch.device("meta"):
+        model = build_generator(model_cfg.generator, img_size=crop_size,
+                                trainable_blocks=model_cfg.trainable_blocks, pretrained=False)  # fmt: skip
+    limit, source = cache_limit(tcfg.cache_max_gb, 0, 1)
+    check_token_cache(tcfg.cache_views, crops, model_crop_cache_bytes(model, points), limit, source)
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -148,4 +231,14 @@ def cached_generator_loss(
     )
 
 
-__all__ = ["cached_generator_loss", "encode_views", "shard_indices", "view_batches"]
+__all__ = [
+    "cache_limit",
+    "cached_generator_loss",
+    "check_run_token_cache",
+    "check_token_cache",
+    "crop_cache_bytes",
+    "encode_views",
+    "model_crop_cache_bytes",
+    "shard_indices",
+    "view_batches",
+]

@@ -1,6 +1,7 @@
 """Ray Train ``train_loop_per_worker`` functions for stage 1a (warm-up) and 1b (generator).
 
-Both loops: each worker reads its shard of the instance table (DistributedSampler), crops are
+Both loops: each worker reads its shard of the instance table a window of rows at a time
+(``ShardedInstances``: DistributedSampler's order, never the whole table), crops are
 cut by DataLoader worker processes in parallel with the model step, the model is wrapped by
 ``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU), AdamW with linear warm-up +
 cosine decay, bf16 autocast on GPU. Every ``checkpoint_every`` steps rank 0 writes a checkpoint
@@ -15,19 +16,18 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow as pa
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from exits import storage
 from exits.checkpoints import checkpoint_bytes
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
-from exits.data.coco import read_table
 from exits.method.crf import build_crf
 from exits.model.generator import (
     build_generator,
@@ -38,10 +38,14 @@ from exits.model.generator import (
     shares_frozen_prefix,
 )
 from exits.progress import Progress, emit
-from exits.train.data import CropDataset, CropSpec
+from exits.train.data import CropSpec, ShardedInstances
 from exits.train.feature_cache import (
+    cache_limit,
     cached_generator_loss,
+    check_token_cache,
     encode_views,
+    model_crop_cache_bytes,
+    node_memory_bytes,
     shard_indices,
     view_batches,
 )
@@ -89,35 +93,30 @@ def warmup_cosine(
 
 
 def _loader(
-    dataset: CropDataset,
+    dataset: ShardedInstances,
     tcfg: TrainConfig,
     rank: int,
     world: int,
     epoch: int,
     skip_batches: int,
     loader_workers: int,
-) -> DataLoader:
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * tcfg.batch_size :]
-    return DataLoader(
-        Subset(dataset, indices),
-        batch_size=tcfg.batch_size,
-        shuffle=False,
-        drop_last=True,
-        num_workers=loader_workers,
-        persistent_workers=False,
-    )
+) -> Iterator[dict]:
+    """This rank's batches of ``epoch`` from batch ``skip_batches`` on (the resume point)."""
+    return dataset.epoch_batches(rank, world, epoch, tcfg.batch_size, skip_batches, loader_workers)
 
 
 def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: RetrievalConfig,
-                  lcfg: LossConfig, device, shared: bool, rank: int, world: int) -> dict:  # fmt: skip
+                  lcfg: LossConfig, device, shared: bool, rank: int, world: int,
+                  workers_on_node: int = 1) -> dict:  # fmt: skip
     """This worker's shard encoded under ``tcfg.cache_views`` views (feature_cache), with a
-    progress line per view from rank 0."""
-    indices = shard_indices(len(dataset), rank, world)
+    progress line per view from rank 0; refused before any row is read when the cache would
+    exceed its limit (``workers_on_node``: the workers sharing this node's memory)."""
+    rows = np.asarray(shard_indices(len(dataset), rank, world), dtype=np.int64)
+    limit, source = cache_limit(tcfg.cache_max_gb, node_memory_bytes(), workers_on_node)
+    crop_bytes = model_crop_cache_bytes(teacher, lcfg.objective == "exits")
+    check_token_cache(tcfg.cache_views, len(rows), crop_bytes, limit, source)
+    part = dataset.crops(rows)
+    indices = list(range(len(part)))
     progress = Progress(STAGE_TAGS["generator"], tcfg.cache_views, unit="view", rate_unit="views/s")
 
     def on_view(v: int) -> None:
@@ -125,7 +124,7 @@ def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: Retrieva
             emit(progress.update(v + 1, {"caching tokens,": f"{len(indices)} crops per view"},
                                  force=True))  # fmt: skip
 
-    return encode_views(teacher, extractor, dataset, indices, tcfg.cache_views, rcfg, lcfg,
+    return encode_views(teacher, extractor, part, indices, tcfg.cache_views, rcfg, lcfg,
                         tcfg.batch_size, device, shared=shared, on_view=on_view)  # fmt: skip
 
 
@@ -138,6 +137,58 @@ def _maybe_inject_fault(step: int, tcfg: TrainConfig, marker_dir: str | None, ra
         return
     storage.write_text(marker, "1")
     os._exit(17)  # hard worker death, as a lost node would look
+
+
+@dataclass
+class StepParts:
+    """What one stage-1 optimiser step touches, built once per run (a Ray Train worker or the
+    single-process runner ``exits.train.local``)."""
+
+    stage: str  # "warmup" (1a) | "generator" (1b)
+    model: nn.Module  # the student (1b) / the extractor warming up (1a): the EMA's source
+    forward: nn.Module  # what runs the forward: ``model``, DDP-wrapped on > 1 worker
+    teacher: nn.Module | None  # 1b: the EMA teacher
+    extractor: nn.Module | None  # 1b: the frozen similarity extractor, if the source needs one
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rcfg: RetrievalConfig
+    lcfg: LossConfig
+    crf_fn: Any  # exits.method.crf.build_crf(...) (1b), None (1a)
+    device: torch.device
+    amp: bool  # bf16 autocast (CUDA only)
+    gen: torch.Generator  # the student augmentation's draws
+    shared: bool  # the teacher's pass also yields the extractor's tokens and attention
+    ema_momentum: float
+
+
+def train_step(parts: StepParts, batch: dict, cached: bool = False) -> dict:
+    """One optimiser step, the body of every stage-1 loop: batch -> objective (1a: Eq. 1
+    [+ pairwise]; 1b: Eq. 10 or box-only) under bf16 autocast when ``parts.amp`` -> backward
+    -> AdamW step -> lr-schedule step -> EMA teacher update (1b).
+
+    Args:
+        batch: a collated ``CropDataset`` batch (image (B, 3, S, S) uint8, ...) on any device,
+            or, with ``cached``, a ``view_batches`` batch of the token cache.
+    Returns:
+        the objective's logs (python floats, ``loss`` among them).
+    """
+    p = parts
+    with torch.autocast(device_type=p.device.type, dtype=torch.bfloat16, enabled=p.amp):
+        if cached:
+            loss, logs = cached_generator_loss(p.forward, p.teacher, batch, p.rcfg, p.lcfg,
+                                               p.crf_fn, p.device)  # fmt: skip
+        elif p.stage == "warmup":
+            loss, logs = warmup_loss(p.forward, to_device(batch, p.device), p.lcfg)
+        else:
+            loss, logs = generator_loss(p.forward, p.teacher, p.extractor, to_device(batch, p.device),
+                                        p.rcfg, p.lcfg, p.crf_fn, p.gen, p.shared)  # fmt: skip
+    p.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    p.optimizer.step()
+    p.scheduler.step()
+    if p.teacher is not None:
+        ema_update(p.teacher, p.model, p.ema_momentum)
+    return logs
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -175,14 +226,13 @@ def train_loop_per_worker(config: dict) -> None:
             extractor.freeze()
     model.to(device)
 
-    table: pa.Table = read_table(config["instances"])
     spec = CropSpec(
         size=crop.size,
         train=True,
         mean_enlarge=crop.train_mean_enlarge,
         max_enlarge=crop.train_max_enlarge,
     )
-    dataset = CropDataset(table, config["images"], spec, seed=tcfg.seed)
+    dataset = ShardedInstances(config["instances"], config["images"], spec, seed=tcfg.seed)
     steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * world))
     total = tcfg.epochs * steps_per_epoch
     if tcfg.max_steps > 0:
@@ -248,7 +298,9 @@ def train_loop_per_worker(config: dict) -> None:
                 f" < {model.encoder.depth}), got {model.encoder.trainable_blocks}"
             )
         cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared,
-                              rank, world)  # fmt: skip
+                              rank, world, ctx.get_local_world_size())  # fmt: skip
+    parts = StepParts(stage, model, ddp_model, teacher, extractor, optimizer, scheduler, rcfg, lcfg,
+                      crf_fn, device, amp, gen, shared, tcfg.ema_momentum)  # fmt: skip
     t_last, n_last, last_loss = time.time(), 0, float("nan")
     epoch = step // steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
@@ -265,22 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= total:
                 break
             _maybe_inject_fault(step, tcfg, config.get("marker_dir"), rank)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                if cache is not None:
-                    loss, logs = cached_generator_loss(
-                        ddp_model, teacher, batch, rcfg, lcfg, crf_fn, device
-                    )
-                elif stage == "warmup":
-                    loss, logs = warmup_loss(ddp_model, to_device(batch, device), lcfg)
-                else:
-                    loss, logs = generator_loss(ddp_model, teacher, extractor, to_device(batch, device),
-                                                rcfg, lcfg, crf_fn, gen, shared)  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if teacher is not None:
-                ema_update(teacher, model, tcfg.ema_momentum)
+            logs = train_step(parts, batch, cached=cache is not None)
             step += 1
             last_loss = logs["loss"]
             n_last += batch["image"].shape[0] * world

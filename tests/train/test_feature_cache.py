@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from exits.config import LossConfig, RetrievalConfig
-from exits.data.coco import load_instances
+from exits.data.prepare import load_instances
 from exits.method.crf import build_crf
 from exits.model.generator import (
     build_generator,
@@ -155,3 +155,83 @@ def test_shards_partition_the_dataset():
     parts = [fc.shard_indices(11, r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))
     assert parts[0] == [0, 3, 6, 9] and parts[2] == [2, 5, 8]
+
+
+# ------------------------------------------------------------------ the cache's bound
+def test_crop_cache_bytes_hand_numbers():
+    """ViT-S/14 at 224² (N = 16, D = 384, h = 56): state 2·256·384 = 196,608 (the 197 KB),
+    image 3·56² = 9,408, box 4·56² = 12,544, labels + keep 2·256 = 512."""
+    assert fc.crop_cache_bytes(16, 384, 0, 56, points=True) == 219_072
+    assert fc.crop_cache_bytes(16, 384, 0, 56, points=False) == 218_560
+    assert fc.crop_cache_bytes(16, 384, 1, 56, points=True) == 219_072 + 768  # k > 0: + cls
+    with torch.device("meta"):  # shapes only, no weights
+        m = build_generator("vit_small_dinov2", img_size=224, trainable_blocks=0, pretrained=False)
+    assert fc.model_crop_cache_bytes(m, points=True) == 219_072
+
+
+@pytest.mark.parametrize("objective", ["exits", "box_only"])
+def test_crop_cache_bytes_equal_what_encode_views_holds(dataset, objective):
+    rcfg, lcfg = RetrievalConfig(similarity="bilateral"), LossConfig(objective=objective)
+    _, teacher, _ = _models(False)
+    cache = fc.encode_views(
+        teacher, None, dataset, [0, 1, 2], 2, rcfg, lcfg, 8, torch.device("cpu")
+    )
+    held = sum(t.nbytes for t in cache.values())
+    # demo: N = 12, D = 96, h = 24: 27,648 + 1,728 + 2,304 (+ 288 with points)
+    per = fc.model_crop_cache_bytes(teacher, points=objective == "exits")
+    assert per == 27_648 + 1_728 + 2_304 + (288 if objective == "exits" else 0)
+    assert held == 2 * 3 * per
+
+
+def test_cache_limit_explicit_and_from_node_memory():
+    assert fc.cache_limit(4.0, 64 * 10**9, 4) == (4 * 10**9, "generator.cache_max_gb = 4")
+    limit, source = fc.cache_limit(0.0, 64 * 10**9, 4)
+    assert limit == 8 * 10**9  # half of 64 GB over 4 workers
+    assert "64.0 GB node memory / 4 worker(s)" in source
+
+
+def test_an_oversized_cache_is_refused_with_its_size():
+    # 4 views x 10,000 crops x 219,072 bytes = 8,762,880,000 bytes > 4e9
+    with pytest.raises(ValueError) as e:
+        fc.check_token_cache(4, 10_000, 219_072, 4 * 10**9, "generator.cache_max_gb = 4")
+    msg = str(e.value)
+    assert "4 views x 10,000 crops per worker x 219,072 bytes per crop = 8.76 GB" in msg
+    assert "over the limit of 4 GB (generator.cache_max_gb = 4)" in msg
+    assert fc.check_token_cache(4, 4_000, 219_072, 4 * 10**9, "") == 3_505_152_000  # fits
+
+
+def test_driver_refuses_before_ray_train(tmp_path, demo_dataset):
+    """The pipeline's check: rows from the Parquet footers, shapes from a meta-device model."""
+    from exits.config import ModelConfig, TrainConfig
+    from exits.data.coco import write_table
+
+    table, _ = load_instances(demo_dataset["annotations"], demo_dataset["images"])
+    uri = str(tmp_path / "instances.parquet")
+    write_table(table, uri)
+    crops = -(-table.num_rows // 3)  # rank 0's share over 3 workers
+    need = 2 * crops * (27_648 + 1_728 + 2_304 + 288)
+    mcfg = ModelConfig(generator="vit_tiny_demo", trainable_blocks=0)
+    fits = TrainConfig(cache_views=2, num_workers=3, cache_max_gb=need / 1e9)
+    fc.check_run_token_cache(uri, mcfg, S, fits, points=True)  # exactly at the limit: fits
+    over = TrainConfig(cache_views=2, num_workers=3, cache_max_gb=(need - 1) / 1e9)
+    with pytest.raises(ValueError, match=f"2 views x {crops:,} crops per worker x 31,968 bytes"):
+        fc.check_run_token_cache(uri, mcfg, S, over, points=True)
+    fc.check_run_token_cache(uri, mcfg, S, TrainConfig(cache_views=2), points=True)  # auto: worker
+
+
+def test_worker_refuses_before_encoding(tmp_path, demo_dataset):
+    """Each worker checks against its node (here: an explicit limit) before reading rows."""
+    from exits.config import TrainConfig
+    from exits.data.coco import write_table
+    from exits.train.data import ShardedInstances
+    from exits.train.loops import _encode_views
+
+    table, _ = load_instances(demo_dataset["annotations"], demo_dataset["images"])
+    write_table(table, str(tmp_path / "t.parquet"))
+    src = ShardedInstances(str(tmp_path / "t.parquet"), demo_dataset["images"], CropSpec(S, True))
+    _, teacher, _ = _models(False)
+    tcfg = TrainConfig(cache_views=3, cache_max_gb=1e-6)  # 1,000 bytes
+    rows = -(-table.num_rows // 2)
+    with pytest.raises(ValueError, match=f"3 views x {rows:,} crops per worker x 31,968 bytes"):
+        _encode_views(teacher, None, src, tcfg, RetrievalConfig(), LossConfig(), torch.device("cpu"),
+                      False, 0, 2, workers_on_node=1)  # fmt: skip

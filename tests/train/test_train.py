@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
-from exits.data.coco import load_instances, write_table
+from exits.data.coco import write_table
+from exits.data.prepare import load_instances
 from exits.method.retrieval import grid_geometry, retrieve, similarity_matrix
 from exits.train.data import CropDataset, CropSpec
 from exits.train.loops import STATE_FILE, param_groups, warmup_cosine
