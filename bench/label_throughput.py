@@ -5,9 +5,14 @@ Usage::
     python bench/label_throughput.py                      # defaults below: ViT-S/14 at 224²
     python bench/label_throughput.py --images 120 --runs 3 --pools 1x1,1x1.5,2x0.75
     python bench/label_throughput.py --generator vit_tiny_demo --crop-size 96 --images 240
+    python bench/label_throughput.py --data coco_mini --images 64 --pools 1x1,2x0.75  # real photos
 
-Workload: the synthetic demo set (128² images, 2-4 instances each) and the generator the
-pretrained profiles ship, ``vit_small_dinov2`` (DINOv2 ViT-S/14 + MAL decoder) at 224² crops
+Workload: the synthetic demo set (128² images, 2-4 instances each), or with ``--data
+coco_mini`` the real COCO photos of that profile (``data.annotations`` / ``data.images`` of
+configs/datasets/coco_mini.yaml: ../shared/data/coco_train128, 640-px JPEGs, ~7 instances
+each; the first ``--images`` images by id; a directory holding ``instances*.json`` and
+``images/`` works too; absent data: the bench prints ``{"skipped": ...}`` and exits 0), and
+the generator the pretrained profiles ship, ``vit_small_dinov2`` (DINOv2 ViT-S/14 + MAL decoder) at 224² crops
 (random weights: the same compute, nothing to download), on CPU. Every side runs the same
 code on the same images: ``exits.label.crop_images`` (decode + crop), ``MaskPredictor.predict``
 (model), ``paste_masks`` (sigmoid, paste, threshold, RLE) and, in the pipeline, the shard
@@ -18,17 +23,20 @@ commit.
 - pools: ``label_instances`` on a local Ray with exactly ``os.cpu_count()`` logical CPUs (the
   machine's real cores: no oversubscription). ``AxC`` = A actors reserving C CPUs each; each
   actor runs ceil(C) torch threads; the decode/paste tasks reserve the CPUs left
-  (cores - A*C). Each pool labels one image (warm-up), a third of the images, then all of
-  them, in one Ray session; its rate is the *incremental* one,
-  (crops_all - crops_third) / (s_all - s_third): actor start-up, model load and pipeline
-  fill/drain cancel out, and the rate does not depend on how result batches bunch up on their
-  way to the driver (they do on 2 cores, which made the old "after the first result" rate
-  meaningless). ``e2e`` rates include everything.
+  (cores - A*C, split between the two; ``exits.label.stages.fit_task_cpus``). Each pool
+  labels one image (warm-up), a third of the images, then all of them, in one Ray session;
+  its rate is the *incremental* one, (crops_all - crops_third) / (s_all - s_third): actor
+  start-up, model load and pipeline fill/drain cancel out. ``e2e`` rates and
+  ``first_result_s`` include everything after planning (actor start-up, model load, fill):
+  what a user's run of that size sees, less Ray's start and prepare. (Results used to bunch
+  up at the end: Ray Data's iterator prefetch held each block until the next one existed;
+  ``label_instances`` now takes blocks as they land.)
 - ``--runs`` rounds (default 3), each: the bare loop, then every pool; a pool's ratio is its
   incremental crops/s over the same round's bare crops/s. Reported: the median ratio per pool
   and its spread (min, max), never the best round.
 - memory: peak RSS summed over the driver and the Ray worker processes (tasks, actors),
   sampled every 0.2 s, for N and scale x N images (first pool); Ray's daemons reported apart.
+  Synthetic data only (a real-photo set is too small for 10x growth).
 
 Prints progress, then one JSON object as the last line of stdout.
 """
@@ -36,6 +44,7 @@ Prints progress, then one JSON object as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import glob
 import inspect
 import json
 import os
@@ -51,11 +60,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 
 from exits.checkpoints import save_model  # noqa: E402
-from exits.config import CropConfig, LabelConfig  # noqa: E402
-from exits.data.coco import load_instances  # noqa: E402
+from exits.config import CropConfig, LabelConfig, load_config  # noqa: E402
+from exits.data.prepare import load_instances  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
 from exits.label import (  # noqa: E402
     MaskPredictor,
@@ -68,7 +79,9 @@ from exits.label import (  # noqa: E402
 )
 from exits.model.generator import GENERATORS, build_generator  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = os.cpu_count() or 1
+SYNTHETIC = "synthetic"
 OBJECT_STORE = 300 * 1024**2
 RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # besides raylet, gcs_server, ...
 
@@ -79,6 +92,48 @@ def make_dataset(root: str, num_images: int) -> dict:
     instances, errors = load_instances(data["annotations"], data["images"], check_files=False)
     assert errors.num_rows == 0
     return {"images": data["images"], "instances": instances}
+
+
+def find_photos(spec: str) -> dict | None:
+    """{"annotations", "images"} of a real-photo set, None when its files are absent.
+
+    ``spec``: a directory holding ``images/`` and ``instances*.json`` (or
+    ``annotations/instances*.json``; the first by name is used), or a profile name
+    (configs/datasets/<spec>.yaml: its ``data.annotations`` and ``data.images``, relative to
+    the working directory or the repository).
+    """
+    if os.path.isdir(spec):
+        jsons = sorted(glob.glob(os.path.join(spec, "instances*.json")))
+        jsons += sorted(glob.glob(os.path.join(spec, "annotations", "instances*.json")))
+        pairs = [(jsons[0], os.path.join(spec, "images"))] if jsons else []
+    else:
+        data = load_config(spec).data  # an unknown profile name raises, naming the choices
+        if not data.annotations or not data.images:
+            raise ValueError(f"profile {spec!r} names no data.annotations / data.images")
+        pairs = [(os.path.join(base, data.annotations), os.path.join(base, data.images))
+                 for base in ("", REPO)]  # fmt: skip
+    for ann, images in pairs:
+        if os.path.isfile(ann) and os.path.isdir(images):
+            return {"annotations": ann, "images": images}
+    return None
+
+
+class Photos:
+    """A real-photo set loaded once; :meth:`subset` gives the first ``n`` images by id with
+    every instance of theirs (the rows prepare accepts: crowd and degenerate ones stay out)."""
+
+    def __init__(self, annotations: str, images: str) -> None:
+        self.images = images
+        self.instances, _ = load_instances(annotations, images, check_files=False)
+        self.image_ids = np.unique(self.instances["image_id"].to_numpy())
+
+    def subset(self, n: int) -> dict:
+        if not 1 <= n <= len(self.image_ids):
+            raise ValueError(
+                f"{n} images asked, the set has 1..{len(self.image_ids)} with instances"
+            )
+        keep = pc.is_in(self.instances["image_id"], value_set=pa.array(self.image_ids[:n]))
+        return {"images": self.images, "instances": self.instances.filter(keep)}
 
 
 def bare_loop(instances, images: str, checkpoint: str, crop: CropConfig, cfg: LabelConfig) -> dict:
@@ -240,12 +295,13 @@ def pool_config(spec: str, batch_size: int) -> LabelConfig:
                        cpus_per_task=left, images_per_block=8)  # fmt: skip
 
 
-def throughput(root: str, num_images: int, checkpoint: str, crop: CropConfig,
+def throughput(root: str, make, num_images: int, checkpoint: str, crop: CropConfig,
                pools: dict[str, LabelConfig], runs: int) -> dict:  # fmt: skip
-    """``runs`` rounds of: bare loop, every pool. Median ratio per pool and its spread."""
-    ds = make_dataset(root, num_images)
-    small = make_dataset(root, max(1, num_images // 3))
-    small["warmup"] = make_dataset(root, 1)
+    """``runs`` rounds of: bare loop, every pool. Median ratio per pool and its spread.
+    ``make(n)``: the dataset of n images ({"images", "instances"})."""
+    ds = make(num_images)
+    small = make(max(1, num_images // 3))
+    small["warmup"] = make(1)
     print(f"[bench] {num_images} images, {ds['instances'].num_rows} instances "
           f"(subset {small['instances'].num_rows}), {CORES} cores", flush=True)  # fmt: skip
     first = next(iter(pools.values()))
@@ -270,14 +326,20 @@ def throughput(root: str, num_images: int, checkpoint: str, crop: CropConfig,
     for name in pools:
         ratios = [e["pools"][name]["ratio"] for e in rounds if e["pools"][name]["ratio"]]
         rates = [e["pools"][name]["incremental_crops_per_s"] for e in rounds]
+        e2e = [e["pools"][name]["e2e_crops_per_s"] for e in rounds]
+        first = [e["pools"][name]["first_result_s"] for e in rounds]
         summary[name] = {
             "ratio_median": round(statistics.median(ratios), 3) if ratios else None,
             "ratio_spread": [min(ratios), max(ratios)] if ratios else None,
             "crops_per_s_median": round(statistics.median([x for x in rates if x] or [0]), 2),
-        }
+            # what a user's run of that size sees: actor start-up and fill included
+            "e2e_crops_per_s_median": round(statistics.median(e2e), 2),
+            "first_result_s_median": round(statistics.median([x for x in first if x is not None] or [0]), 2),
+        }  # fmt: skip
     bare_rates = [e["bare"]["crops_per_s"] for e in rounds]
     best = max(summary, key=lambda k: summary[k]["ratio_median"] or 0)
     return {
+        "instances": ds["instances"].num_rows,
         "best_pool": best,
         "best_ratio_median": summary[best]["ratio_median"],
         "pools": summary,
@@ -295,8 +357,11 @@ def save_generator(path: str, name: str, size: int) -> None:
     save_model(path, build_generator(name, **kw), name, "generator", kw)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=SYNTHETIC,
+                   help="synthetic (default), or real photos: a profile name (coco_mini) or a "
+                        "directory with instances*.json and images/")  # fmt: skip
     p.add_argument("--images", type=int, default=120, help="images for the throughput runs")
     p.add_argument("--runs", type=int, default=3, help="rounds; the median ratio is reported")
     p.add_argument("--pools", default="1x1,1x1.5,2x0.75",
@@ -308,9 +373,27 @@ def main() -> None:
     p.add_argument("--no-rss", action="store_true", help="skip the RSS runs")
     p.add_argument("--generator", default="vit_small_dinov2", help="GENERATORS key")
     p.add_argument("--crop-size", type=int, default=224)
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    make = None
+    if args.data != SYNTHETIC:
+        found = find_photos(args.data)
+        if found is None:
+            result = {"skipped": f"real-photo data {args.data!r} not found", "data": args.data}
+            print(f"[bench] skipped: {result['skipped']}", flush=True)
+            print(json.dumps(result))
+            return result
+        make = Photos(found["annotations"], found["images"]).subset
+        make(args.images)  # too many images: a clear error before any model work
+        if not args.no_rss:
+            print("[bench] real photos: RSS runs skipped (synthetic only)", flush=True)
+            args.no_rss = True
     root = tempfile.mkdtemp(prefix="exits-bench-label-")
+    if make is None:
+        make = lambda n: make_dataset(root, n)  # noqa: E731
     torch.manual_seed(0)
     checkpoint = os.path.join(root, "generator.pt")
     size = args.crop_size
@@ -319,7 +402,7 @@ def main() -> None:
     pools = {spec: pool_config(spec, args.batch_size) for spec in args.pools.split(",")}
     out: dict = {}
     if not args.rss_only:
-        out = throughput(root, args.images, checkpoint, crop, pools, args.runs)
+        out = throughput(root, make, args.images, checkpoint, crop, pools, args.runs)
     rss: dict = {}
     if not args.no_rss:
         rss_cfg = next(iter(pools.values()))
@@ -335,17 +418,20 @@ def main() -> None:
             "rss_small": {"images": args.rss_images, **rss_small},
             "rss_big": {"images": args.rss_images * args.scale, **rss_big},
         }  # fmt: skip
-    print(json.dumps({
+    result = {
         **{k: out.get(k) for k in ("best_pool", "best_ratio_median")},
         **{k: rss.get(k) for k in ("rss_growth", "private_growth")},
         **out,
         **rss,
+        "data": args.data,
         "generator": args.generator,
         "crop_size": size,
         "batch_size": args.batch_size,
         "cores": CORES,
         "load_avg_1m": round(os.getloadavg()[0], 2),
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

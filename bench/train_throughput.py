@@ -19,7 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exits.config import load_config  # noqa: E402
-from exits.data.coco import load_instances, write_table  # noqa: E402
+from exits.data.coco import write_table  # noqa: E402
+from exits.data.prepare import load_instances  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
 from exits.train.loops import loop_config  # noqa: E402
 from exits.train.run import fit, history_from_result  # noqa: E402

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import subprocess
 import time
 from typing import Any
 
 from exits import __version__, storage
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+DIGEST_CACHE = "input_digests.json"  # <run>/prepare/: content_digest's cache of local inputs
 STAGES = ("prepare", "warmup", "generator", "label", "stage2", "eval")
 
 
@@ -30,19 +35,82 @@ def fingerprint(*objs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def content_digest(*uris: str) -> dict[str, str]:
-    """sha256 (16 hex) of each non-empty URI's bytes: fingerprints cover what an input file
-    holds, not only its name, so a json edited in place is redone, never silently reused."""
+def content_digest(*uris: str, cache: str | None = None) -> dict[str, str]:
+    """16-hex identity of each non-empty URI's content: fingerprints cover what an input file
+    holds, not only its name, so a json edited in place is redone, never silently reused.
+
+    Cheap on every run (LVIS' json is ~1 GB): an ``s3://`` object is identified by its ETag
+    and size from one HEAD request (never downloaded; an object without an ETag is hashed); a
+    local file by the sha256 of its bytes, recomputed only when its (size, mtime_ns, ctime_ns)
+    differ from the entry in ``cache`` (a json at that URI, e.g. beside the prepare manifest;
+    None: always hashed). A file modified within :data:`RACY_NS` of the hash is not cached (a
+    same-size rewrite within one timestamp tick would otherwise look unchanged).
+    """
+    entries = _read_digest_cache(cache)
+    changed = False
     out = {}
     for uri in uris:
-        if uri:
-            fs, path = storage.get_filesystem(uri)
-            h = hashlib.sha256()
-            with fs.open_input_stream(path) as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-            out[uri] = h.hexdigest()[:16]
+        if not uri:
+            continue
+        if storage.is_s3(uri):
+            out[uri] = _s3_digest(uri)
+            continue
+        fs, path = storage.get_filesystem(uri)
+        key = _stat_key(path)
+        hit = entries.get(path)
+        if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+            out[uri] = hit["sha256"]
+            continue
+        out[uri] = _sha256_uri(uri)
+        if cache and _stat_key(path) == key and time.time_ns() - key[1] > RACY_NS:
+            entries[path], changed = {"stat": key, "sha256": out[uri]}, True
+    if changed:
+        storage.write_json(cache, entries)
     return out
+
+
+RACY_NS = 2_000_000_000  # files modified this recently are hashed but not cached
+
+
+def _sha256_uri(uri: str) -> str:
+    """sha256 (16 hex) of the bytes at ``uri`` (read in 16 MiB chunks)."""
+    fs, path = storage.get_filesystem(uri)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _stat_key(path: str) -> list[int]:
+    """[size, mtime_ns, ctime_ns] of a local file (ctime also moves when mtime is reset)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _s3_digest(uri: str) -> str:
+    """16 hex of an S3 object's (ETag, size) from its metadata (a HEAD, no body read)."""
+    fs, path = storage.get_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        size, meta = f.size(), f.metadata()
+    etag = meta.get("ETag") or meta.get("etag")
+    if not etag:
+        return _sha256_uri(uri)
+    etag = etag.decode() if isinstance(etag, bytes) else str(etag)
+    return hashlib.sha256(f"s3-etag:{etag}:{size}".encode()).hexdigest()[:16]
+
+
+def _read_digest_cache(cache: str | None) -> dict[str, dict]:
+    """The cache's {local path: {"stat": [size, mtime_ns, ctime_ns], "sha256": hex16}}; an
+    absent or unreadable cache is empty (everything is hashed again)."""
+    if not cache or not storage.exists(cache):
+        return {}
+    try:
+        data = storage.read_json(cache)
+    except (OSError, ValueError) as e:
+        logger.warning("digest cache %s unreadable (%s): hashing the inputs again", cache, e)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def code_version() -> str:

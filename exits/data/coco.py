@@ -2,9 +2,10 @@
 
 Per-annotation and per-shard logic: :func:`build_instances` (the checks, run per image shard) and
 :func:`_instance_from_annotation` (one row; polygons rasterised in their box only). The pipeline
-runs it as Ray Data tasks via :mod:`exits.data.prepare`; :func:`load_instances` is the in-memory
-entry point for small sets. Every input annotation ends up exactly once in the instance table or
-in the errors table: ``len(instances) + len(errors) == len(annotations)``.
+runs it as Ray Data tasks via :mod:`exits.data.prepare` (which also holds the in-memory entry
+point for small sets, ``load_instances``; this module imports nothing above it). Every input
+annotation ends up exactly once in the instance table or in the errors table:
+``len(instances) + len(errors) == len(annotations)``.
 
 Instance table columns (Arrow/Parquet):
   image_id int64, ann_id int64, category_id int64, file_name string, height int32, width int32,
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +29,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from exits import storage
-from exits.config import DataConfig
 from exits.data import validate
 from exits.data.crops import instance_box
 from exits.data.extreme_points import (
@@ -43,7 +43,6 @@ from exits.data.extreme_points import (
 )
 from exits.data.images import ImageError, image_uri, read_image_size
 
-LVIS_URL_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 SEPARATED_MIN_COMPONENTS = 2
 CONNECTIVITY = 8  # connected components of GT masks, 8-neighbourhood
 RLE_POLY_SCALE = 5  # pycocotools rasterises polygons on a 5x finer grid (rleFrPoly)
@@ -95,17 +94,6 @@ def error_row(ann_id: Any, image_id: Any, stage: str, reason: str) -> dict:
     }
 
 
-def image_file_name(img: dict) -> str:
-    """Relative image path: ``file_name``, or for LVIS the path part of ``coco_url``."""
-    if img.get("file_name"):
-        return img["file_name"]
-    url = img.get("coco_url", "")
-    for prefix in LVIS_URL_PREFIXES:
-        if url.startswith(prefix):
-            return url[len(prefix) :]
-    return url.rsplit("/", 1)[-1]
-
-
 def segmentation_to_rle(segm: Any, height: int, width: int) -> dict | None:
     """COCO polygons / uncompressed RLE / compressed RLE -> compressed RLE (None when absent)."""
     if segm is None or (isinstance(segm, list) and len(segm) == 0):
@@ -145,12 +133,14 @@ def num_components(mask: np.ndarray) -> int:
     return n - 1
 
 
-def _check_image(job: tuple[str, tuple[int, int] | None, int | None, str]) -> ImageCheck:
-    """Header-only check (exists, recognised format, size limit, declared size); the labeller
-    decodes the pixels."""
-    uri, expected, max_pixels, name = job
+def _check_image(
+    job: tuple[str, tuple[int, int] | None, int | None, str, int | None],
+) -> ImageCheck:
+    """Header-only check (exists, a regular file within the byte limit, recognised format,
+    pixel limit, declared size); the labeller decodes the pixels."""
+    uri, expected, max_pixels, name, max_bytes = job
     try:
-        height, width = read_image_size(uri, expected, max_pixels, name=name)
+        height, width = read_image_size(uri, expected, max_pixels, name=name, max_bytes=max_bytes)
     except ImageError as e:
         return ImageCheck(error=e.reason)
     return ImageCheck(height=height, width=width)
@@ -162,11 +152,14 @@ def check_images(
     expected: list[tuple[int, int]] | None = None,
     max_pixels: int | None = None,
     names: list[str] | None = None,
+    max_bytes: int | None = None,
 ) -> list[ImageCheck]:
     """Check every image's header once (in threads): missing/unreadable files and real sizes;
-    the header's size is checked against ``expected`` (H, W) and ``max_pixels`` first."""
-    jobs = [(u, expected[k] if expected else None, max_pixels, names[k] if names else u)
-            for k, u in enumerate(uris)]  # fmt: skip
+    a file larger than ``max_bytes`` (``data.max_image_bytes``; None: no limit) is refused
+    before it is read, and the header's size is checked against ``expected`` (H, W) and
+    ``max_pixels``."""
+    jobs = [(u, expected[k] if expected else None, max_pixels, names[k] if names else u,
+             max_bytes) for k, u in enumerate(uris)]  # fmt: skip
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         return list(pool.map(_check_image, jobs))
 
@@ -283,7 +276,7 @@ def file_name_error(images: str | None):
 
     def check(img: dict) -> str | None:
         try:
-            name = image_file_name(img)
+            name = validate.image_file_name(img)
             if images is not None:
                 image_uri(images, name)
             elif not isinstance(name, str) or not name:
@@ -345,7 +338,12 @@ def build_instances(
                 )
             )
             continue
-        if ann.get("iscrowd", 0):
+        try:
+            crowd = validate.crowd_flag(ann.get("iscrowd", 0))
+        except ValueError as e:
+            errors.append(error_row(ann_id, image_id, "prepare", str(e)))
+            continue
+        if crowd:
             errors.append(
                 error_row(
                     ann_id, image_id, "prepare", "skipped: crowd annotation (not an instance)"
@@ -358,45 +356,11 @@ def build_instances(
             errors.append(error_row(ann_id, image_id, "prepare", check.error))
             continue
         try:
-            rows.append(_instance_from_annotation(ann, img, image_file_name(img)))
+            rows.append(_instance_from_annotation(ann, img, validate.image_file_name(img)))
             is_instance[k] = True
         except (ValueError, KeyError, TypeError) as e:
             errors.append(error_row(ann_id, image_id, "prepare", str(e)))
     return rows, errors, is_instance
-
-
-def load_instances(
-    annotations: str,
-    images: str,
-    check_files: bool = True,
-    num_threads: int = 8,
-    max_pixels: int = DataConfig.max_image_pixels,
-) -> tuple[pa.Table, pa.Table]:
-    """Load a COCO-format json (local or s3) into (instances, errors) Arrow tables, in file order.
-
-    In-process and in memory (tests, benches, small sets); the pipeline's ``prepare`` writes a
-    sharded dataset with Ray instead (:func:`exits.data.prepare.prepare_instances`).
-
-    Args:
-        annotations: URI of the COCO / LVIS v1 / VOC-as-COCO json.
-        images: URI prefix that the images' ``file_name`` (LVIS: ``coco_url`` path) is relative to.
-        check_files: read every referenced image's header once to catch missing/unreadable
-            files, oversized images and size mismatches (grayscale/RGBA/16-bit are normalised at
-            decode time).
-        num_threads: image-check threads.
-        max_pixels: images declared or stored larger than this are error rows
-            (``data.max_image_pixels``); checked before any decode.
-
-    Raises:
-        ValueError: a file that is not a COCO-format json object (one line, no traceback
-            from the parser); every problem inside it is an error row instead.
-    """
-    from exits.data.prepare import load_columns, prepare_in_process
-
-    columns = load_columns(annotations)
-    return prepare_in_process(
-        columns, images if check_files else None, num_threads=num_threads, max_pixels=max_pixels
-    )
 
 
 def write_table(table: pa.Table, uri: str) -> None:
@@ -412,24 +376,24 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def parquet_dataset(uri: str) -> ds.Dataset | None:
+    """A Parquet file or a directory of Parquet parts (local or s3) as a ``pyarrow.dataset``,
+    for reads in record batches or with filters, columns needed only; None when nothing is
+    there. In a directory only ``*.parquet`` files count (not a temp file being published)."""
+    if not storage.exists(uri):
+        return None
+    fs, path = storage.get_filesystem(uri)
+    if storage.is_dir(uri):
+        prefix = len("s3://") if storage.is_s3(uri) else 0
+        path = [f[prefix:] for f in storage.list_dir(uri) if f.endswith(".parquet")]
+        if not path:
+            return None
+    return ds.dataset(path, filesystem=fs, format="parquet")
+
+
 def instance_mask(row: dict) -> np.ndarray | None:
     """(H, W) bool GT mask of an instance-table row (None without GT)."""
     if not row.get("gt_segmentation"):
         return None
     rle = json.loads(row["gt_segmentation"])
     return mask_utils.decode(rle).astype(bool)
-
-
-if __name__ == "__main__":  # pragma: no cover - tiny CLI for inspection
-    import argparse
-
-    from exits.data.prepare import prepare_instances
-
-    p = argparse.ArgumentParser(description="COCO json -> instance table (Parquet parts)")
-    p.add_argument("annotations")
-    p.add_argument("images")
-    p.add_argument("--out", required=True, help="output directory (local or s3)")
-    a = p.parse_args()
-    counts = prepare_instances(a.annotations, a.images, storage.join(a.out, "instances.parquet"),
-                               storage.join(a.out, "errors.parquet"))  # fmt: skip
-    print(json.dumps({**counts, "out": os.path.abspath(a.out)}))

@@ -12,7 +12,11 @@
    checks, then :func:`exits.data.coco.build_instances`). :func:`prepare_instances` runs it as
    Ray Data tasks (one per shard, on the cluster's CPU nodes) and writes the instance table as a
    directory of Parquet parts ``<table>/part-NNNNN.parquet`` plus one errors file. Without Ray
-   the shards run in-process; :func:`prepare_in_process` keeps everything in memory (tests).
+   the shards run in-process; :func:`prepare_in_process` and :func:`load_instances` keep
+   everything in memory (tests, benches, small sets).
+
+Imports point down: ``prepare`` -> ``coco`` (per-annotation rows) -> ``validate`` (checks).
+``python -m exits.data.prepare ANNOTATIONS IMAGES --out DIR`` writes the tables.
 
 Every annotation ends up exactly once in the instances or the errors.
 """
@@ -20,6 +24,7 @@ Every annotation ends up exactly once in the instances or the errors.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -39,7 +44,6 @@ from exits.data.coco import (
     build_instances,
     check_images,
     file_name_error,
-    image_file_name,
     read_table,
     write_table,
 )
@@ -231,6 +235,7 @@ def prepare_shard(
     image_root: str | None,
     num_threads: int = 8,
     max_pixels: int = DataConfig.max_image_pixels,
+    max_bytes: int | None = DataConfig.max_image_bytes,
 ) -> tuple[pa.Table, pa.Table]:
     """(instances, errors) of one shard, each with a leading ``seq`` column (file position).
 
@@ -241,6 +246,8 @@ def prepare_shard(
         categories: known category ids.
         image_root: URI prefix of the images; None skips the header checks.
         max_pixels: images declared or stored larger are error rows (``data.max_image_pixels``).
+        max_bytes: image files larger are error rows, refused before a byte is read
+            (``data.max_image_bytes``; None: no limit).
     """
     keys = np.unique(annotations["image_id"].drop_null().to_numpy())
     ids = images["id"].to_numpy()
@@ -254,11 +261,11 @@ def prepare_shard(
     checks = {}
     if image_root is not None and imgs:
         used = sorted(imgs)
-        names = [image_file_name(imgs[i]) for i in used]
+        names = [validate.image_file_name(imgs[i]) for i in used]
         results = check_images(
             [image_uri(image_root, n) for n in names], num_threads,
             expected=[(imgs[i]["height"], imgs[i]["width"]) for i in used],
-            max_pixels=max_pixels, names=[repr(n) for n in names],
+            max_pixels=max_pixels, names=[repr(n) for n in names], max_bytes=max_bytes,
         )  # fmt: skip
         checks = dict(zip(used, results))
     seq = annotations["seq"].to_numpy()
@@ -278,12 +285,47 @@ def prepare_in_process(
     image_root: str | None,
     num_threads: int = 8,
     max_pixels: int = DataConfig.max_image_pixels,
+    max_bytes: int | None = DataConfig.max_image_bytes,
 ) -> tuple[pa.Table, pa.Table]:
     """(instances, errors) of the whole file, in memory and in file order."""
     ann = columns.annotations
     inst, err = prepare_shard(ann, duplicate_flags(ann), columns.images, columns.categories,
-                              image_root, num_threads, max_pixels)  # fmt: skip
+                              image_root, num_threads, max_pixels, max_bytes)  # fmt: skip
     return inst.drop_columns(["seq"]), err.drop_columns(["seq"])
+
+
+def load_instances(
+    annotations: str,
+    images: str,
+    check_files: bool = True,
+    num_threads: int = 8,
+    max_pixels: int = DataConfig.max_image_pixels,
+    max_bytes: int | None = DataConfig.max_image_bytes,
+) -> tuple[pa.Table, pa.Table]:
+    """Load a COCO-format json (local or s3) into (instances, errors) Arrow tables, in file order.
+
+    In-process and in memory (tests, benches, small sets); the pipeline's ``prepare`` writes a
+    sharded dataset with Ray instead (:func:`exits.data.prepare.prepare_instances`).
+
+    Args:
+        annotations: URI of the COCO / LVIS v1 / VOC-as-COCO json.
+        images: URI prefix that the images' ``file_name`` (LVIS: ``coco_url`` path) is relative to.
+        check_files: read every referenced image's header once to catch missing/unreadable
+            files, oversized images and size mismatches (grayscale/RGBA/16-bit are normalised at
+            decode time).
+        num_threads: image-check threads.
+        max_pixels: images declared or stored larger than this are error rows
+            (``data.max_image_pixels``); checked before any decode.
+        max_bytes: image files larger are error rows (``data.max_image_bytes``; None: no
+            limit); checked from the file's size before a byte is read.
+
+    Raises:
+        ValueError: a file that is not a COCO-format json object (one line, no traceback
+            from the parser); every problem inside it is an error row instead.
+    """
+    columns = load_columns(annotations)
+    return prepare_in_process(columns, images if check_files else None, num_threads=num_threads,
+                              max_pixels=max_pixels, max_bytes=max_bytes)  # fmt: skip
 
 
 def _errors_uri(work: str, shard: int) -> str:
@@ -300,6 +342,7 @@ def _prepare_shard_task(
     image_root: str | None,
     num_threads: int,
     max_pixels: int,
+    max_bytes: int | None = DataConfig.max_image_bytes,
 ) -> pa.Table:
     """Ray Data task over shard numbers: input part -> instance part + error part, stats row."""
     cv2.setNumThreads(1)  # one task per CPU already: no nested OpenCV threads
@@ -309,7 +352,7 @@ def _prepare_shard_task(
         part = read_table(storage.join(work, PART_FORMAT.format(shard)))
         dup = part["duplicate"].to_numpy(zero_copy_only=False)
         inst, err = prepare_shard(part.drop_columns(["duplicate"]), dup, images, categories,
-                                  image_root, num_threads, max_pixels)  # fmt: skip
+                                  image_root, num_threads, max_pixels, max_bytes)  # fmt: skip
         write_table(inst.drop_columns(["seq"]), storage.join(table_uri, PART_FORMAT.format(shard)))
         write_table(err, _errors_uri(work, shard))
         stats.append({"shard": shard, "instances": inst.num_rows, "errors": err.num_rows,
@@ -345,6 +388,7 @@ def prepare_instances(
     num_threads: int = 8,
     max_instances: int = 0,
     max_pixels: int = DataConfig.max_image_pixels,
+    max_bytes: int | None = DataConfig.max_image_bytes,
     use_ray: bool | None = None,
 ) -> dict[str, Any]:
     """Write the instance table of a COCO-format json as Parquet parts, and its errors.
@@ -359,6 +403,8 @@ def prepare_instances(
         check_files: read each referenced image's header (missing, unreadable, size mismatch).
         max_instances: >0 keeps the first N instance rows (parts in order) for quick runs.
         max_pixels: images declared or stored larger are error rows (``data.max_image_pixels``).
+        max_bytes: image files larger are error rows (``data.max_image_bytes``; None: no limit),
+            refused from their size before a byte is read, so no later stage reads them.
         use_ray: run shards as Ray Data tasks; None: when Ray is initialised.
 
     Returns:
@@ -386,7 +432,7 @@ def prepare_instances(
     kwargs = {"work": work, "table_uri": table_uri, "images": columns.images,
               "categories": columns.categories,
               "image_root": image_root if check_files else None, "num_threads": num_threads,
-              "max_pixels": max_pixels}  # fmt: skip
+              "max_pixels": max_pixels, "max_bytes": max_bytes}  # fmt: skip
     if use_ray is None:
         import ray
 
@@ -423,3 +469,16 @@ def prepare_instances(
             "parse_cpu_s": round(parse_cpu_s, 3),
             "shards_cpu_s": round(sum(r["cpu_s"] for r in stats), 3),
             "worker_peak_rss_bytes": max((r["peak_rss_bytes"] for r in stats), default=0)}  # fmt: skip
+
+
+if __name__ == "__main__":  # pragma: no cover - tiny CLI for inspection
+    import argparse
+
+    p = argparse.ArgumentParser(description="COCO json -> instance table (Parquet parts)")
+    p.add_argument("annotations")
+    p.add_argument("images")
+    p.add_argument("--out", required=True, help="output directory (local or s3)")
+    a = p.parse_args()
+    counts = prepare_instances(a.annotations, a.images, storage.join(a.out, "instances.parquet"),
+                               storage.join(a.out, "errors.parquet"))  # fmt: skip
+    print(json.dumps({**counts, "out": os.path.abspath(a.out)}))

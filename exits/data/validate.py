@@ -19,7 +19,6 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -30,19 +29,20 @@ from exits import storage
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 POLYGON_MARGIN = 0.1  # fraction of the image side a polygon vertex may lie outside it (+2 px)
 LISTS = ("images", "annotations", "categories")
+LVIS_URL_PREFIXES = ("http://images.cocodataset.org/", "https://images.cocodataset.org/")
 
 
 def read_coco_json(uri: str) -> dict:
     """Parse a COCO-format json; raises ``ValueError`` with a one-line reason for unreadable
     files, invalid JSON, a top level that is not an object or a top-level list field that is
     not a list (a missing ``annotations``/``images``/``categories`` key reads as empty)."""
+    from exits.data.jsonstream import loads  # the one JSON reader (BOM, duplicate keys, depth)
+
     try:
-        data = json.loads(storage.read_bytes(uri))
-    except (OSError, UnicodeDecodeError) as e:
+        raw = storage.read_bytes(uri)
+    except OSError as e:
         raise ValueError(f"cannot read annotations {uri}: {type(e).__name__}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"annotations {uri} is not valid JSON: {e}") from None
-    return check_structure(data, uri)
+    return check_structure(loads(raw, f"annotations {uri}"), uri)
 
 
 def check_structure(data: Any, source: str = "annotations") -> dict:
@@ -60,6 +60,16 @@ def check_structure(data: Any, source: str = "annotations") -> dict:
 
 def kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def crowd_flag(value: Any) -> bool:
+    """``iscrowd`` as a bool: JSON true/false or 0/1 (``0.0``/``1.0`` too); anything else (the
+    string ``"0"`` is truthy in Python and was taken as crowd) is a ``ValueError``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"iscrowd must be a boolean or 0/1, got {str(value)[:40]!r} ({kind(value)})")
 
 
 def as_id(value: Any, what: str = "id") -> int:
@@ -316,13 +326,23 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def image_file_name(img: dict) -> str:
+    """Relative image path: ``file_name``, or for LVIS the path part of ``coco_url``."""
+    if img.get("file_name"):
+        return img["file_name"]
+    url = img.get("coco_url", "")
+    for prefix in LVIS_URL_PREFIXES:
+        if url.startswith(prefix):
+            return url[len(prefix) :]
+    return url.rsplit("/", 1)[-1]
+
+
 def drop_unusable_images(data: dict, max_pixels: int | None = None, root: str | None = None) -> int:
     """Remove, in place, the image entries a downstream COCO tool (stage 2's mmdet loader) must
     not see, and the annotations on them: not an object, no integer id, a duplicate id, no valid
     size (or more than ``max_pixels``), a file name outside the images root (``root`` given:
     resolved as ``exits.data.images.image_uri`` does; else the name alone is checked).
     Returns how many image entries were removed."""
-    from exits.data.coco import image_file_name  # (coco imports this module)
     from exits.data.images import ImageError, image_uri, relative_name
 
     def name_error(img: dict) -> str | None:

@@ -8,7 +8,8 @@ Run as a module::
 Conventions
 -----------
 * Ground truth (``--gt``) is a COCO (or LVIS v1) instances json; masks may be polygons,
-  uncompressed or compressed RLE.
+  uncompressed or compressed RLE. ``iscrowd`` is read by prepare's rule: JSON true/false or
+  0/1 (absent: 0); anything else (the string ``"0"``) is an error naming the annotation id.
 * Detections (``--pred``) are either a COCO *results* list (``image_id``, ``category_id``,
   ``segmentation`` RLE, ``score``, optional ``bbox``) or a COCO-style dict whose
   ``annotations`` are used as results (a pseudo-label json qualifies; missing ``score`` = 1).
@@ -42,14 +43,12 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import cv2
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from exits.data import rle
-from exits.evaluate.checks import gt_rle as gt_rle_of
-from exits.evaluate.checks import gt_with_masks, usable_detections
+from exits.evaluate.checks import gt_crowd, gt_with_masks, usable_detections
+from exits.evaluate.miou import MiouSums, box_mask
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +68,6 @@ COCO_STAT_NAMES: tuple[str, ...] = (
     "ARl",
 )
 IOU_TYPES: tuple[str, ...] = ("segm", "bbox")
-SMALL_AREA = 32**2  # COCO small/medium boundary, pixels
-MEDIUM_AREA = 96**2  # COCO medium/large boundary, pixels
-SEPARATED_MIN_COMPONENTS = 2  # paper Table 4: >= 2 connected components
-CONNECTIVITY = 8
 DEFAULT_SCORE = 1.0  # score given to annotations used as detections when they carry none
 
 JsonLike = str | os.PathLike | Mapping[str, Any]
@@ -83,21 +78,27 @@ def load_json(src: JsonLike | Sequence[Mapping[str, Any]]) -> Any:
     """Load a json file (local path or URI readable by :mod:`exits.storage`) or pass data through."""
     if isinstance(src, Mapping | list | tuple):
         return src
-    path = os.fspath(src)
-    try:
-        if "://" in path:
-            from exits import storage  # URI support lives there; local paths need no import
+    from exits.data.jsonstream import loads  # the one JSON reader (BOM, duplicate keys, depth)
 
-            return json.loads(storage.read_bytes(path))
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    path = os.fspath(src)
+    if "://" in path:
+        from exits import storage  # URI support lives there; local paths need no import
+
+        return loads(storage.read_bytes(path), path)
+    with open(path, "rb") as f:
+        return loads(f.read(), path)
 
 
 def coco_from(src: JsonLike) -> COCO:
-    """Build a pycocotools ``COCO`` index from a path/URI or an in-memory dict (quietly)."""
+    """Build a pycocotools ``COCO`` index from a path/URI or an in-memory dict (quietly).
+
+    Each annotation's ``iscrowd`` becomes 0/1 by prepare's rule (:func:`exits.evaluate.checks.
+    gt_crowd`; absent: 0): COCOeval ignores any truthy value, so ``"0"`` would be a crowd
+    region; a value that is not a boolean or 0/1 is a ``ValueError`` naming the annotation."""
     data = copy.deepcopy(dict(load_json(src)))
+    for ann in data.get("annotations", []):
+        if isinstance(ann, dict):
+            ann["iscrowd"] = int(gt_crowd(ann))
     data.setdefault("info", {})
     data.setdefault("licenses", [])
     coco = COCO()
@@ -224,33 +225,6 @@ def retention(ap_pseudo: float, ap_gt: float) -> float:
 
 
 # --------------------------------------------------------------------------- pseudo-label mIoU
-def num_components(mask: np.ndarray) -> int:
-    """Connected foreground components of a binary mask (H, W), 8-connectivity."""
-    n_labels, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=CONNECTIVITY)
-    return int(n_labels) - 1  # label 0 is background
-
-
-def is_separated(mask: np.ndarray) -> bool:
-    """Paper's "separated" instance: GT mask (H, W) with >= 2 connected components."""
-    return num_components(mask) >= SEPARATED_MIN_COMPONENTS
-
-
-def size_bucket(area: float) -> str:
-    """COCO size bucket of an instance area in pixels: small / medium / large (half-open)."""
-    if area < SMALL_AREA:
-        return "small"
-    return "medium" if area < MEDIUM_AREA else "large"
-
-
-def rle_iou(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
-    """IoU of two compressed RLEs of the same size (non-crowd)."""
-    return rle.iou(a, b)
-
-
-def _summary(ious: list[float]) -> dict[str, float | int]:
-    return {"miou": float(np.mean(ious)) if ious else math.nan, "count": len(ious)}
-
-
 def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any]:
     """Pseudo-label mIoU vs GT, matched by annotation id.
 
@@ -266,49 +240,15 @@ def pseudo_label_miou(gt_json: JsonLike, pseudo_json: JsonLike) -> dict[str, Any
     gt, pseudo = load_json(gt_json), load_json(pseudo_json)
     images = {i.get("id"): i for i in gt.get("images", []) if isinstance(i, Mapping)}
     pseudo_anns = {a.get("id"): a for a in pseudo.get("annotations", []) if isinstance(a, Mapping)}
-    groups: dict[str, list[float]] = {
-        k: [] for k in ("all", "separated", "small", "medium", "large")
-    }
-    missing = no_gt_mask = invalid_pseudo = 0
-    evaluated: set[int] = set()
+    sums, evaluated = MiouSums(), set()
     for gt_ann in gt.get("annotations", []):
         if not isinstance(gt_ann, Mapping):
             continue
         ann_id = gt_ann.get("id")
-        if gt_ann.get("iscrowd", 0):
-            continue
-        img = images.get(gt_ann.get("image_id"))
-        gt_rle = gt_rle_of(gt_ann, img)
-        if gt_rle is None:
-            no_gt_mask += 1
-            continue
-        if rle.area(gt_rle) == 0:
-            continue
-        evaluated.add(ann_id)
-        if ann_id in pseudo_anns:
-            same_image = pseudo_anns[ann_id].get("image_id") == gt_ann.get("image_id")
-            pseudo_rle = gt_rle_of(pseudo_anns[ann_id], img) if same_image else None
-            iou = rle_iou(pseudo_rle, gt_rle) if pseudo_rle is not None else 0.0
-            invalid_pseudo += pseudo_rle is None
-        else:
-            iou, missing = 0.0, missing + 1
-        groups["all"].append(iou)
-        groups[size_bucket(gt_ann.get("area", rle.area(gt_rle)))].append(iou)
-        if is_separated(rle.decode(gt_rle)):
-            groups["separated"].append(iou)
-    out: dict[str, Any] = {k: _summary(v) for k, v in groups.items()}
-    out["missing"] = missing
-    out["extra"] = len(set(pseudo_anns) - evaluated)
-    out["no_gt_mask"], out["invalid_pseudo"] = no_gt_mask, invalid_pseudo
-    return out
-
-
-def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
-    """Binary (H, W) mask of a box ``[x0, y0, x1, y1]`` in pixel edges (rounded, clipped)."""
-    x0, y0, x1, y1 = (round(float(v)) for v in box)
-    m = np.zeros((height, width), np.uint8)
-    m[max(y0, 0) : max(min(y1, height), 0), max(x0, 0) : max(min(x1, width), 0)] = 1
-    return m
+        if sums.score(gt_ann, images.get(gt_ann.get("image_id")), pseudo_anns.get(ann_id)):
+            evaluated.add(ann_id)
+    sums.extra = len(set(pseudo_anns) - evaluated)
+    return sums.summary()
 
 
 def box_masks_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("exits.progress")
 
 
+# instances per pipeline row: an image with more is split (plan.image_rows), so results of an
+# image holding thousands of annotations reach the driver (and the progress line) every few
+# batches instead of all at the end (10,000 on one image: first line after ~9 min before)
+ROW_BATCHES = 4
+
+
 class InjectedFault(RuntimeError):
     """``LabelConfig.fail_after_batches = K > 0``: the driver stops the run after consuming K
     result batches (shards completed by then are committed), like a job killed part way."""
@@ -77,6 +83,7 @@ def label_instances(
     *,
     upstream_errors: pa.Table | None = None,
     shard_images: int | None = None,
+    max_image_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Pseudo-label every instance once; resumable; returns a summary dict.
 
@@ -90,6 +97,8 @@ def label_instances(
         upstream_errors: error rows of earlier stages (e.g. prepare), carried into
             ``errors/prepare.parquet`` so the errors output is complete.
         shard_images: images per output shard (commit/resume unit); None: ``cfg.shard_images``.
+        max_image_bytes: image files larger than this are error rows (``data.max_image_bytes``;
+            None: its default).
 
     Returns:
         {"instances", "masks", "errors", "prepare_errors", "empty_masks", "crops", "shards",
@@ -143,14 +152,19 @@ def label_instances(
     progress = Progress("1c", todo.num_rows, unit="rows", rate_unit="crops/s")
     if todo.num_rows:
         ds = build_dataset(
-            image_rows(todo),
+            image_rows(todo, max_instances=cfg.batch_size * ROW_BATCHES),
             images=images,
             checkpoint=checkpoint,
             generator_id=gen_id,
             crop=crop,
             cfg=cfg,
+            max_image_bytes=max_image_bytes,
         )
-        for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow"), 1):
+        # prefetch_batches=0: with prefetching, Ray Data hands block k over only once block
+        # k+1 exists (iter_batches.prefetch_batches_locally), a whole model task late; the
+        # driver's commit is cheap, so nothing is lost by taking each block as it lands
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        for n, batch in enumerate(batches, 1):
             if first_result is None:
                 first_result, first_rows = time.time() - t0, batch.num_rows
             t_commit = time.time()

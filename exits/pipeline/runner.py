@@ -33,13 +33,15 @@ STAGE_FUNCS: dict[str, Callable[[PipelineConfig, str, str], dict]] = {
 }
 
 
-def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """Each stage's fingerprint chains its upstream's, so a config change redoes what follows."""
+def stage_fingerprints(cfg: PipelineConfig, output: str | None = None) -> dict[str, str]:
+    """Each stage's fingerprint chains its upstream's, so a config change redoes what follows.
+    ``output``: the run, whose ``prepare/input_digests.json`` caches the inputs' digests."""
     fps: dict[str, str] = {}
+    cache = manifest.stage_uri(output, "prepare", manifest.DIGEST_CACHE) if output else None
     parts = {
         "prepare": [
             asdict(cfg.data),
-            manifest.content_digest(cfg.data.annotations, cfg.data.val_annotations),
+            manifest.content_digest(cfg.data.annotations, cfg.data.val_annotations, cache=cache),
         ],
         "warmup": [asdict(cfg.crop), asdict(cfg.model), asdict(cfg.loss), asdict(cfg.warmup)],
         "generator": [asdict(cfg.retrieval), asdict(cfg.generator)],
@@ -73,7 +75,7 @@ def run_pipeline(
     preflight.check_cluster(cfg, selected)
     storage.makedirs(output)
     storage.write_json(storage.join(output, "config.json"), asdict(cfg))
-    fps = stage_fingerprints(cfg)
+    fps = stage_fingerprints(cfg, output)
     results = {}
     for stage in STAGES:
         if stage not in selected:

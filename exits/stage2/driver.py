@@ -56,6 +56,7 @@ def train_stage2(
     *,
     cpus_per_worker: float = 1,
     node_resource: str = "",
+    logical_gpus: bool = False,
     max_failures: int = 0,
     num_to_keep: int = DEFAULT_NUM_TO_KEEP,
     storage_filesystem: Any = None,
@@ -72,6 +73,9 @@ def train_stage2(
         resume: False trains from scratch even if the run directory has checkpoints.
         cpus_per_worker: CPUs reserved per worker.
         node_resource: custom resource each worker asks 0.001 of (pins it to a node type).
+        logical_gpus: with ``use_gpu``: request one GPU per worker from Ray (scheduling,
+            autoscaling) but train on CPU with gloo (clusters whose GPUs are logical only,
+            e.g. the fake multi-node test cluster), as stage 1's ``TrainConfig.logical_gpus``.
         max_failures: Ray restarts after a worker failure (each restart resumes).
         num_to_keep: Ray checkpoints kept in the run directory.
         storage_filesystem: pyarrow filesystem for ``storage_path`` (default: resolved by
@@ -84,7 +88,7 @@ def train_stage2(
         :func:`final_metrics` of it is also written to ``<run dir>/stage2_metrics.json``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg_dict.to_dict() if isinstance(cfg_dict, Config) else dict(cfg_dict)
     if storage.is_s3(storage_path) or storage_filesystem is not None:
@@ -92,6 +96,7 @@ def train_stage2(
     else:  # local: Ray resolves it itself
         fs, fs_path = None, os.path.abspath(storage_path)
     run_dir = storage.join(storage_path, name)
+    cuda = use_gpu and not logical_gpus  # logical GPUs: requested, torch on CPU
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -99,7 +104,7 @@ def train_stage2(
             "resume": resume,
             "run_dir": run_dir,
             "name": name,
-            "use_gpu": use_gpu,
+            "use_gpu": cuda,
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers,
@@ -109,6 +114,7 @@ def train_stage2(
                 **({node_resource: 0.001} if node_resource else {}),
             },
         ),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=fs_path,

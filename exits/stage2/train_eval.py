@@ -60,7 +60,7 @@ def train_and_evaluate(
     result = train_stage2(
         mm_cfg, cfg.num_workers, cfg.use_gpu, storage.join(work_uri, "ray"), "train", resume=True,
         cpus_per_worker=cfg.cpus_per_worker, node_resource=cfg.node_resource,
-        max_failures=cfg.max_failures,
+        logical_gpus=cfg.logical_gpus, max_failures=cfg.max_failures,
     )  # fmt: skip
     if result.error is not None:
         raise RuntimeError(f"stage 2 failed: {result.error}")

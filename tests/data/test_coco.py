@@ -4,12 +4,14 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from exits.data.coco import load_instances, read_table, segmentation_to_rle, write_table
+from exits.data.coco import read_table, segmentation_to_rle, write_table
 from exits.data.images import ImageError, decode_image
+from exits.data.prepare import load_instances
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -210,3 +212,16 @@ def test_real_coco_subset(coco128):
     assert inst.num_rows == 887  # non-crowd instances (docs/architecture.md)
     assert sum(inst["separated"].to_pylist()) == 92
     assert all("crowd" in r for r in err["reason"].to_pylist())
+
+
+def test_parquet_dataset_reads_parts_only(tmp_path) -> None:
+    from exits.data.coco import parquet_dataset
+
+    assert parquet_dataset(str(tmp_path / "absent")) is None
+    table = tmp_path / "t"
+    write_table(pa.table({"a": [1, 2]}), str(table / "part-00000.parquet"))
+    write_table(pa.table({"a": [3]}), str(table / "part-00001.parquet"))
+    (table / "part-00002.parquet.tmp-1234").write_bytes(b"half written")
+    assert sorted(parquet_dataset(str(table)).to_table()["a"].to_pylist()) == [1, 2, 3]
+    one = parquet_dataset(str(table / "part-00001.parquet"))
+    assert one.to_table()["a"].to_pylist() == [3]

@@ -7,8 +7,14 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from exits.data import jsonstream
-from exits.data.coco import load_instances, polygon_box_mask, read_table
-from exits.data.prepare import PART_FORMAT, annotation_dicts, load_columns, prepare_instances
+from exits.data.coco import polygon_box_mask, read_table
+from exits.data.prepare import (
+    PART_FORMAT,
+    annotation_dicts,
+    load_columns,
+    load_instances,
+    prepare_instances,
+)
 
 
 def _full_vs_window(polys: list, h: int, w: int) -> bool:

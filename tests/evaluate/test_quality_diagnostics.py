@@ -13,7 +13,7 @@ import torch
 from exits.config import RetrievalConfig
 from exits.data.rle import encode
 from exits.evaluate.diagnostics import _auc, retrieval_stats
-from exits.evaluate.quality import evaluate_masks, gt_json_from_table
+from exits.evaluate.quality import evaluate_masks
 
 
 def _table(masks: list[np.ndarray]) -> pa.Table:
@@ -33,13 +33,17 @@ def test_evaluate_masks_known_iou():
     b = np.zeros((20, 20), bool)
     b[10:18, 10:18] = True
     table = _table([a, b])
-    assert len(gt_json_from_table(table)["annotations"]) == 2
     half = a.copy()
     half[2:10, 6:10] = False  # 32 of the GT's 64 px: IoU 0.5
     rows = table.to_pylist()
     miou = evaluate_masks(table, [(rows[0], a.astype(np.float32)), (rows[1], half * 0.9)], 0.5)
     # instance 2 predicted as `half` (disjoint from b): IoU 0; instance 1 exact: IoU 1
-    assert miou["all"]["miou"] == pytest.approx(0.5)
+    assert miou["all"] == {"miou": 0.5, "count": 2} and miou["missing"] == miou["extra"] == 0
+    # a GT without a mask scores 0 (missing); a mask of a row without GT is extra
+    no_gt = {**rows[1], "ann_id": 99, "gt_segmentation": None}
+    table3 = pa.Table.from_pylist([*rows, no_gt])
+    out = evaluate_masks(table3, [(rows[0], a.astype(np.float32)), (no_gt, a * 1.0)], 0.5)
+    assert out["all"] == {"miou": 0.5, "count": 2} and (out["missing"], out["extra"]) == (1, 1)
 
 
 def test_auc_rank_sum_with_ties():

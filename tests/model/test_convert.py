@@ -127,7 +127,7 @@ def test_pretrained_extractor_attention_is_a_distribution() -> None:
 def test_shared_teacher_pass_gives_the_same_loss_as_a_separate_extractor(demo_dataset) -> None:
     """Stage 1b on a frozen encoder: the teacher's pass yields the extractor's attention."""
     from exits.config import LossConfig, RetrievalConfig
-    from exits.data.coco import load_instances
+    from exits.data.prepare import load_instances
     from exits.method.crf import build_crf
     from exits.model.generator import make_teacher, shares_frozen_encoder
     from exits.train.data import CropDataset, CropSpec

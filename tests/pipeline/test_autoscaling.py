@@ -6,9 +6,10 @@ resources, CPUs capped at 2, ``min_workers: 0``, at most 2 nodes per type, 12 s 
 timeout). The pipeline is submitted like ``ray job submit`` does it (a driver process with
 ``RAY_ADDRESS``), with the cloud profile's (configs/datasets/coco.yaml) per-worker requests on
 the ``--quick`` workload, torch on CPU (``logical_gpus``). Asserted from the autoscaler's own
-event log and status: which node types it launched for which stage, that no request was
-infeasible, that every stage finished and that idle nodes were removed; then a labelling node
-is killed mid-run and the job must still label every instance exactly once.
+event log and status: which node types it launched for which stage (stage 2 included: its
+worker asks for a logical GPU and ``train_node``, so it lands on ``gpu_train``), that no
+request was infeasible, that every stage finished and that idle nodes were removed; then a
+labelling node is killed mid-run and the job must still label every instance exactly once.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ CLOUD_KEYS = {
     "warmup": ("use_gpu", "node_resource"),
     "generator": ("use_gpu", "node_resource"),
     "label": ("use_gpu", "gpus_per_actor", "cpus_per_actor", "decode_resource"),
+    # not cpus_per_worker (8 on the cloud: more than a fake node's 2 CPUs): --quick's 1
+    "stage2": ("use_gpu", "node_resource"),
 }
 
 
@@ -198,7 +201,19 @@ def test_stages_start_their_node_types_and_give_them_back(cluster, trained):
     idle_s = watch.wait_until(lambda: not watch.workers(), 90, "every worker node to go away")
     assert set(launched) <= set(watch.removed(t1))
 
-    for stage in ("prepare", "warmup", "generator", "label"):
+    # stage 2 (mmdet under Ray Train, {CPU: 1, GPU: 1, train_node: 0.001}): gpu_train only
+    t2 = time.time()
+    _ok(submit(fake, run, ["stage2"], timeout_s=420))
+    stage2_s = time.time() - t2
+    launched2 = watch.launched(t2)
+    assert launched2 and set(launched2) == {"gpu_train"}, launched2
+    stage2_idle_s = watch.wait_until(lambda: not watch.workers(), 90, "the stage-2 node to go away")
+    assert "gpu_train" in watch.removed(t2)
+    stage2 = manifest.read_manifest(run, "stage2")
+    assert stage2["config"]["use_gpu"] and stage2["config"]["logical_gpus"]
+    assert stage2["config"]["node_resource"] == "train_node"
+
+    for stage in ("prepare", "warmup", "generator", "label", "stage2"):
         assert manifest.read_manifest(run, stage) is not None, stage
     summary = manifest.read_manifest(run, "label")["summary"]
     assert summary["instances"] == summary["masks"] + summary["errors"] > 0
@@ -209,7 +224,8 @@ def test_stages_start_their_node_types_and_give_them_back(cluster, trained):
     assert final["resource_demand"] == [] and final["pg_demand"] == []
     print(f"\nautoscaling: 1a+1b {trained['seconds']:.0f} s, nodes gone "
           f"{trained['removed_after_s']:.0f} s later; label {label_s:.0f} s, nodes gone "
-          f"{idle_s:.0f} s later; events: {[m for _, m in watch.events(trained['t0'])]}")  # fmt: skip
+          f"{idle_s:.0f} s later; stage 2 {stage2_s:.0f} s, node gone {stage2_idle_s:.0f} s later; "
+          f"events: {[m for _, m in watch.events(trained['t0'])]}")  # fmt: skip
 
 
 def _label_actor_running(fake: FakeCluster) -> bool:

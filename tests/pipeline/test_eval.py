@@ -6,12 +6,15 @@ import re
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from exits import manifest, storage
 from exits.config import load_config
-from exits.data.coco import load_instances, write_table
+from exits.data.coco import write_table
+from exits.data.prepare import load_instances
 from exits.data.synthetic import write_demo_dataset
+from exits.label.plan import MASK_SCHEMA
 from exits.pipeline.eval import run_eval
 
 
@@ -28,8 +31,16 @@ def test_eval_adds_box_baselines_and_reports_itself_done(tmp_path) -> None:
     manifest.write_manifest(run, "prepare", "fp", now, data=paths)
     held = {"all": {"miou": 0.9, "count": vinst.num_rows}, "missing": 0, "extra": 0}
     manifest.write_manifest(run, "generator", "fp", now, metrics={"pseudo_label": held})
-    # the GT json as the "pseudo labels": mIoU 1, while the box baseline must be below 1
-    manifest.write_manifest(run, "label", "fp", now, pseudo_json=data["annotations"], summary={})
+    # the GT masks as the "pseudo labels" (mask parts): mIoU 1, the box baseline below 1
+    masks = inst.select(["ann_id", "image_id", "category_id", "bbox"]).append_column(
+        "score", pa.array([1.0] * inst.num_rows)
+    )
+    masks = masks.append_column("segmentation", inst["gt_segmentation"])
+    masks = masks.append_column("area", inst["area"])
+    masks = masks.append_column("generator", pa.array(["g"] * inst.num_rows))
+    masks = masks.append_column("supervision", inst["supervision"]).cast(MASK_SCHEMA)
+    write_table(masks, manifest.stage_uri(run, "label", "masks", "shard-00000.parquet"))
+    manifest.write_manifest(run, "label", "fp", now, summary={})
 
     m = run_eval(load_config("demo"), run, "fp")["metrics"]
     assert m["pseudo_label_miou"]["all"]["miou"] == pytest.approx(1.0)

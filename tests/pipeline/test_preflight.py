@@ -232,7 +232,7 @@ def test_pipeline_refuses_unsatisfiable_requests_before_any_stage(tmp_path, monk
     monkeypatch.setattr(pipeline.runner, "STAGE_FUNCS", {s: make(s) for s in manifest.STAGES})
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     # the coco profile's s3 jsons are not reachable here: fingerprint their names only
-    monkeypatch.setattr(manifest, "content_digest", lambda *uris: {u: u for u in uris if u})
+    monkeypatch.setattr(manifest, "content_digest", lambda *uris, **_: {u: u for u in uris if u})
     cpu_only = [NodeType("head", {"CPU": 0}, 1), NodeType("cpu_decode", {"CPU": 32}, 8)]
     monkeypatch.setattr(preflight, "cluster_node_types", lambda: (cpu_only, "test cluster"))
     t = time.time()
