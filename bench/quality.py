@@ -16,8 +16,11 @@ on the separated subset (GT mask with >= 2 components) for
   initial_points  EXITS supervised by the initial points only (no retrieval; paper Table 5 row 2)
   box             box-as-mask
   grabcut         OpenCV GrabCut initialised with the box and the 4 extreme points (5 iters)
-plus retrieval precision/recall/AUC against GT for each similarity source. Prints one JSON
-object as the last stdout line.
+plus retrieval precision/recall/AUC against GT for each similarity source, and for each
+trained variant how well the labeller's per-mask quality score (``exits.inference.mask_score``)
+ranks its masks by true IoU: Spearman(score, IoU) and the mean IoU of the top 90 % / 80 % of
+masks by score beside that of all (``score`` in the JSON). Prints one JSON object as the last
+stdout line.
 """
 
 from __future__ import annotations
@@ -39,13 +42,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from exits import storage  # noqa: E402
 from exits.checkpoints import load_model  # noqa: E402
 from exits.config import load_config  # noqa: E402
-from exits.data.coco import load_instances, write_table  # noqa: E402
+from exits.data import rle  # noqa: E402
+from exits.data.coco import write_table  # noqa: E402
 from exits.data.crops import row_box  # noqa: E402
 from exits.data.images import load_image  # noqa: E402
+from exits.data.prepare import load_instances  # noqa: E402
 from exits.data.split import TUNE_SALT, split_coco  # noqa: E402
 from exits.data.synthetic import write_demo_dataset  # noqa: E402
 from exits.evaluate.diagnostics import retrieval_stats  # noqa: E402
 from exits.evaluate.quality import evaluate_generator, evaluate_masks  # noqa: E402
+from exits.evaluate.weakest import score_ranking  # noqa: E402
+from exits.inference import (  # noqa: E402
+    box_pixels,
+    masks_for_rows,
+    score_candidates,
+    threshold_and_score,
+)
 from exits.method.similarity import EXTRACTOR_SOURCES  # noqa: E402
 from exits.model.generator import ATTENTION_BLOCKS  # noqa: E402
 from exits.train.data import CropDataset, CropSpec  # noqa: E402
@@ -91,6 +103,30 @@ def baseline_masks(table, images: str, kind: str):
                 np.float32
             )
         yield row, m
+
+
+def score_quality(model, table, images: str, size: int, enlarge: float, threshold: float) -> dict:
+    """Spearman(score, IoU) and mean IoU of all / the top 90 % / 80 % of masks by score over the
+    table's instances with a GT mask: the labeller's scoring rule (``threshold_and_score``) on
+    the inference path's pasted probabilities, one pass; ``candidates``: the same figures for
+    every candidate score (``exits.inference.score_candidates``)."""
+    rows = sorted((r for r in table.to_pylist() if r.get("gt_segmentation")),
+                  key=lambda r: r["file_name"])  # fmt: skip
+    scores, ious, cands = [], [], {}
+    for row, prob in masks_for_rows(model, rows, images, size, enlarge):
+        box, points = row_box(row)
+        mask, score = threshold_and_score(prob, box, threshold, points)
+        r, c = box_pixels(box, prob.shape)
+        local = None if points is None else points - [c.start, r.start]
+        for k, v in score_candidates(prob[r, c], mask[r, c], local).items():
+            cands.setdefault(k, []).append(v)
+        scores.append(score)
+        ious.append(rle.iou(rle.encode(mask), rle.from_json(row["gt_segmentation"])))
+    iou = np.asarray(ious)
+    ranking = score_ranking(np.asarray(scores), iou)
+    return {**{k: round(v, 4) for k, v in ranking.items()}, "count": len(scores),
+            "candidates": {k: {m: round(x, 4) for m, x in score_ranking(np.asarray(v), iou).items()}
+                           for k, v in cands.items()}}  # fmt: skip
 
 
 SOURCES = ("spatial", "bilateral", "attention", "attention_x_bilateral", "tokens",
@@ -213,7 +249,7 @@ def main() -> None:
         "initial_points": replace(cfg, retrieval=replace(cfg.retrieval, enabled=False)),
     }
     variants = {k: all_variants[k] for k in args.variants.split(",")}
-    miou, heldout = {}, {}
+    miou, heldout, score = {}, {}, {}
     for name, c in variants.items():
         ext = extractor_uri if c.retrieval.similarity in EXTRACTOR_SOURCES else None
         model, _ = load_model(train_stage("generator", name, c, ext))
@@ -221,6 +257,10 @@ def main() -> None:
             model, val, data["images"], c.crop.size, c.crop.inference_enlarge, c.label.threshold
         )
         miou[name], heldout[name] = summarise(res), res
+        t = time.time()
+        score[name] = score_quality(model, val, data["images"], c.crop.size,
+                                    c.crop.inference_enlarge, c.label.threshold)  # fmt: skip
+        timings[f"score_{name}"] = round(time.time() - t, 1)
     for kind in ("box", "grabcut"):
         t = time.time()
         miou[kind] = summarise(evaluate_masks(val, baseline_masks(val, data["images"], kind), 0.5))
@@ -228,6 +268,7 @@ def main() -> None:
     ray.shutdown()
     result = {
         "miou": miou,
+        "score": score,  # per variant: spearman, miou_all, miou_top90, miou_top80, count
         "retrieval": retrieval,
         "seed": args.seed,
         "data": args.data,

@@ -10,10 +10,11 @@ Usage:
    from-scratch one) and (b) the box-only ablation
    (``loss.objective=box_only``: MIL + CRF, no point/retrieval term). A run directory that
    already holds those stages with the same config (e.g. ``runs/demo`` after ``make demo``)
-   is reused, not redone (manifest fingerprints).
+   is reused, not redone (manifest fingerprints). (a') ``exits_top90``: (a)'s json with the
+   weakest 10 % of its masks by quality score left out (:func:`leave_out_weakest`).
 2. Trains the demo profile's stage-2 model (Mask R-CNN R50-FPN, ``cpu_small``, from scratch)
-   three times through :func:`exits.stage2.train_stage2` (Ray Train, CPU workers) with the
-   same schedule and seed on (a), (b) and (c) the GT masks, and scores each with COCOeval
+   once per arm through :func:`exits.stage2.train_stage2` (Ray Train, CPU workers) with the
+   same schedule and seed on (a), (a'), (b) and (c) the GT masks, and scores each with COCOeval
    (segm AP) on a scoring set: ``--score-images`` (default 200) synthetic GT images drawn
    with their own seed, never trained on (``0``: the pipeline's 24-image val split, whose AP
    moved by up to 0.037 between stage-2 seeds). Retention = AP(a) / AP(c).
@@ -23,7 +24,8 @@ Usage:
    arm's spread (:func:`verdict`).
 
 The last stdout line is one JSON object:
-``{"ap": {"exits": .., "box_only": .., "gt": ..}, "retention": .., "ap_by_seed": ..,
+``{"ap": {"exits": .., "exits_top90": .., "box_only": .., "gt": ..}, "retention": ..,
+"retention_top90": .., "ap_by_seed": ..,
 "spread": .., "instrument": {"tells": .., ..}, ...}`` (``ap``: medians over the seeds).
 """
 
@@ -55,7 +57,8 @@ LABEL_STAGES = {
 OBJECTIVE_OVERRIDES = {"exits": [], "box_only": ["loss.objective=box_only"]}
 # ResNet depth → FPN input channels
 FPN_IN_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
-RUNS = ("exits", "box_only", "gt")
+RUNS = ("exits", "exits_top90", "box_only", "gt")
+WEAKEST_FRACTION = 0.10  # exits_top90: the share of EXITS masks (lowest score) left out
 # the pipeline profile whose data, labelling and stage-2 schedule the bench uses: by default
 # the one `make demo` runs (--profile demo: the from-scratch tiny ViT)
 FULL_CONFIG, QUICK_CONFIG = "demo_pretrained", "demo_quick"
@@ -188,6 +191,32 @@ def pseudo_labels(config: str, overrides: list[str], run_dir: str, kind: str) ->
     }
 
 
+def leave_out_weakest(pseudo_json: str, out_json: str, fraction: float = WEAKEST_FRACTION) -> dict:
+    """Write ``pseudo_json`` without its ``floor(fraction * n)`` lowest-``score`` annotations
+    (ties: lower id left out first) to ``out_json``; images and categories unchanged.
+
+    Returns {"annotations" (kept), "left_out", "cut_score" (the lowest score kept, None when
+    nothing is kept)}."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    with open(pseudo_json) as f:
+        coco = json.load(f)
+    anns = coco.get("annotations") or []
+    missing = [a.get("id") for a in anns if not isinstance(a.get("score"), int | float)]
+    if missing:
+        raise ValueError(
+            f"{pseudo_json}: {len(missing)} annotations without a score, e.g. id {missing[0]}"
+        )
+    ranked = sorted(anns, key=lambda a: (a["score"], a["id"]))
+    drop = math.floor(fraction * len(anns) + 1e-9)
+    kept = sorted(ranked[drop:], key=lambda a: a["id"])
+    coco["annotations"] = kept
+    with open(out_json, "w") as f:
+        json.dump(coco, f)
+    cut = min((a["score"] for a in kept), default=None)
+    return {"annotations": len(kept), "left_out": drop, "cut_score": cut}
+
+
 def check_pseudo_json(pseudo_json: str, gt_json: str) -> None:
     """Fail fast when a pseudo-label json is not for the GT json's images."""
     with open(pseudo_json) as f, open(gt_json) as g:
@@ -269,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    need = {"exits": "exits" in wanted or "exits_top90" in wanted, "box_only": "box_only" in wanted}
     labels = {
         kind: pseudo_labels(
             config,
@@ -277,8 +307,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             kind,
         )
         for kind in ("exits", "box_only")
-        if kind in wanted
+        if need[kind]
     }
+    top90 = None
+    if "exits_top90" in wanted:  # the EXITS json without its weakest 10 % by quality score
+        path = os.path.join(root, "exits_top90.json")
+        top90 = leave_out_weakest(labels["exits"]["pseudo_json"], path)
+        labels["exits_top90"] = {**labels["exits"], "pseudo_json": path}
     if labels:
         data = next(iter(labels.values()))["data"]
     else:  # GT only: the demo data of a prepare-only run
@@ -307,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ap": ap,
         "retention": judged["retention"],  # null until the instrument can tell
         "retention_box_only": _ratio(ap["box_only"], ap["gt"]),
+        "retention_top90": _ratio(ap["exits_top90"], ap["gt"]),  # medians; not a verdict
+        "exits_top90": top90,
         "ap_by_seed": ap_by_seed,
         "spread": judged["spread"],
         "retention_by_seed": judged["retention_by_seed"],
@@ -315,8 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pseudo_label_miou": {
             k: pseudo_label_miou(gt_train, v["pseudo_json"])["all"]["miou"]
             for k, v in labels.items()
+            if k != "exits_top90"  # its left-out masks would count as IoU 0
         },
-        "seconds_label": {k: v["seconds"] for k, v in labels.items()},
+        "seconds_label": {k: v["seconds"] for k, v in labels.items() if k != "exits_top90"},
         "seconds_stage2": {k: [v["seconds"] for v in by.values()] for k, by in scores.items()},
         "seeds": seeds,
         "score_images": args.score_images or "pipeline val split",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,11 @@ class DataConfig:
     # hostile-input limit (exits.data.validate / images): an image whose declared or stored
     # size exceeds this many pixels is an error row, checked before any pixel buffer exists
     max_image_pixels: int = 2**26  # 8192 x 8192
+    # hostile-input limit (exits.data.images): an image file larger than this many bytes is an
+    # error row at prepare's header check (and wherever a file is read whole), checked from its
+    # size before a byte is read. 64 MiB holds any real JPEG/PNG/WebP photo; raise it for
+    # uncompressed TIFF/BMP scans (8192^2 RGB: 192 MiB)
+    max_image_bytes: int = 64 << 20
 
 
 @dataclass
@@ -131,6 +137,9 @@ class TrainConfig:
     # part on each crop under this many geometric views once, then train the last k blocks and
     # the decoder on the cached output (train/feature_cache)
     cache_views: int = 0
+    # per-worker bound of that cache in GB (1e9 bytes); 0 = half the node's memory shared by
+    # the workers on the node. A larger cache is refused before anything is encoded
+    cache_max_gb: float = 0.0
     # lr of trainable encoder blocks relative to lr (fine-tuning pretrained blocks)
     encoder_lr_scale: float = 1.0
     seed: int = 0
@@ -147,6 +156,9 @@ class LabelConfig:
     cpus_per_actor: float = 1.0  # the actor's torch threads = ceil(this) (on CPU)
     cpus_per_task: float = 1.0  # decode/crop and paste tasks; the cores left by the actors
     threshold: float = 0.5  # probability threshold after paste-back
+    # masks whose quality score (exits.inference.mask_score, in [0, 1]) is below this are left
+    # out of stage 2's COCO json (they stay in label/masks with their score); 0 = off
+    min_score: float = 0.0
     use_gpu: bool = False
     logical_gpus: bool = False  # with use_gpu: request gpus_per_actor but run torch on CPU
     # custom resource each decode/paste task asks 0.001 of: keeps them on the node types that
@@ -170,6 +182,7 @@ class Stage2Config:
     # on GPU nodes: room for mmdet's dataloader processes)
     batch_size: int = 0  # images per worker and step (0: the profile's)
     use_gpu: bool = False
+    logical_gpus: bool = False  # with use_gpu: request the GPUs, run torch on CPU (gloo)
     node_resource: str = ""  # custom resource each worker asks 0.001 of (as TrainConfig's)
     image_size: int = 0  # cpu_small resize (0: profile default)
     max_failures: int = 2  # worker-group restarts, each resuming (see TrainConfig)
@@ -191,8 +204,46 @@ class PipelineConfig:
     device: str = "cpu"  # cpu | cuda (GPU switches of all stages default from this)
 
 
+MAX_BASE_CHAIN = 16  # `base:` files one config may stack
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with anchors and aliases refused: a 472-byte alias bomb expanded
+    past 2.6 GB (and a config never needs them: use ``base:``)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
+            raise ValueError(
+                f"{mark.name}: line {mark.line + 1}: YAML anchors and aliases (&name, *name) are "
+                "not allowed in configs; repeat the value or use `base:`"
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str, name: str = "<override>") -> Any:
+    """Parse YAML text without alias expansion; any error is one ``ValueError`` line."""
+    loader = _NoAliasLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f"line {where.line + 1}: " if where is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"{name}: {at}not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _short(value: Any) -> str:
+    """repr of a config value cut to a line (error messages never print a huge value)."""
+    return reprlib.repr(value)
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    return _yaml(text)
 
 
 def _check_type(where: str, hint: Any, value: Any) -> Any:
@@ -214,7 +265,7 @@ def _check_type(where: str, hint: Any, value: Any) -> Any:
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
-    raise TypeError(f"config key {where} expects {hint}, got {value!r}")
+    raise TypeError(f"config key {where} expects {hint}, got {_short(value)}")
 
 
 def _merge(obj: Any, data: dict, where: str) -> Any:
@@ -224,7 +275,7 @@ def _merge(obj: Any, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(type(obj))
     for key, value in (data or {}).items():
         if key not in names:
-            raise KeyError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
+            raise KeyError(f"unknown config key {where}{_short(key)}; known: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -247,13 +298,29 @@ def resolve_config_path(name_or_path: str) -> str:
     return path
 
 
-def load_yaml(path: str) -> dict:
-    """Load a YAML config; ``base: other.yaml`` (relative to the file) is merged underneath."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+def load_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
+    """Load a YAML config; ``base: other.yaml`` (relative to the file) is merged underneath.
+
+    Anchors/aliases, a top level that is not a mapping, a ``base:`` that is not a file name and a
+    ``base:`` chain that loops or is longer than :data:`MAX_BASE_CHAIN` are one-line
+    ``ValueError``s."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        loop = " -> ".join(os.path.basename(p) for p in (*_chain, real))
+        raise ValueError(f"{path}: `base:` chain loops: {loop}")
+    if len(_chain) >= MAX_BASE_CHAIN:
+        raise ValueError(f"{path}: `base:` chain longer than {MAX_BASE_CHAIN} files")
+    with open(path, encoding="utf-8") as f:
+        data = _yaml(f.read(), path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{path}: `base:` must be a file name, got {_short(base)}")
     if base:
-        merged = load_yaml(os.path.join(os.path.dirname(path), base))
+        merged = load_yaml(os.path.join(os.path.dirname(path), base), (*_chain, real))
         return _deep_update(merged, data)
     return data
 
@@ -302,6 +369,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("data", "synthetic_images"): (1, None, True),
     ("data", "synthetic_image_size"): (16, None, True),
     ("data", "max_image_pixels"): (1, None, True),
+    ("data", "max_image_bytes"): (1, None, True),
     ("crop", "size"): (1, None, True),
     ("crop", "inference_enlarge"): (1.0, None, True),
     ("crop", "train_mean_enlarge"): (1.0, None, True),
@@ -333,12 +401,14 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("train", "max_failures"): (-1, None, True),
     ("train", "checkpoint_every"): (1, None, True),
     ("train", "cache_views"): (0, None, True),
+    ("train", "cache_max_gb"): (0.0, None, True),
     ("train", "encoder_lr_scale"): (0.0, None, True),
     ("label", "batch_size"): (1, None, True),
     ("label", "num_actors"): (1, None, True),
     ("label", "gpus_per_actor"): (0.0, None, True),
     ("label", "cpus_per_actor"): (0.0, None, True),
     ("label", "threshold"): (0.0, 1.0, False),
+    ("label", "min_score"): (0.0, 1.0, True),
     ("label", "images_per_block"): (1, None, True),
     ("label", "shard_images"): (1, None, True),
     ("stage2", "max_iters"): (0, None, True),

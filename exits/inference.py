@@ -5,10 +5,19 @@ logits at the generator's resolution; ``paste_probs`` / ``mask_from_logits`` tur
 logits into a full-resolution probability / thresholded mask (sigmoid, bilinear paste, zero
 outside the box), used by the labeller (``exits.label.stages.paste_masks``) and by
 ``masks_for_rows``, the numpy convenience loop behind the stage-1b held-out metric.
+
+Quality score (issue 25): every mask gets a score in [0, 1] from the same pasted probability,
+no second pass: ``mask_score`` = ``expected_iou`` (soft IoU of the box's probabilities with
+their own thresholded mask). The other candidates (``mask_confidence``: mean probability inside
+the mask; ``click_agreement``: the mask against its own four extreme points; ``box_margin``: how
+far from undecided the probabilities in the box are; click x margin) ranked masks worse on the
+coco_mini tune split (docs/benchmarks.md); ``score_candidates`` computes all of them so
+bench/quality.py can re-measure the choice on another generator.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,22 +65,138 @@ def paste_probs(
     return paste_mask(prob, crop_box, image_hw, box=box)  # (H, W)
 
 
+CLICK_TOLERANCE = 1  # px: a click counts as inside the mask when a mask pixel is this close
+
+
+def box_pixels(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, cols) slices of the pixels whose centres lie inside ``box`` [x0, y0, x1, y1]
+    (edge coords; the ``paste_mask`` rule), clipped to the (H, W) image."""
+    h, w = image_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0, c1 = max(math.ceil(x0 - 0.5), 0), min(math.ceil(x1 - 0.5), w)
+    r0, r1 = max(math.ceil(y0 - 0.5), 0), min(math.ceil(y1 - 0.5), h)
+    return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+
+def box_margin(prob: np.ndarray) -> float:
+    """Mean decisiveness of the probabilities inside the box: mean over pixels of |2p - 1|.
+
+    ``prob``: (h, w) probabilities of the box's pixels. 1 when every pixel is 0 or 1, 0 when
+    every pixel is 0.5; 0 for an empty box.
+    """
+    if prob.size == 0:
+        return 0.0
+    return float(np.abs(2.0 * prob.astype(np.float64) - 1.0).mean())
+
+
+def click_agreement(
+    mask: np.ndarray, points: np.ndarray, tolerance: int = CLICK_TOLERANCE
+) -> float:
+    """How well a mask agrees with its own extreme points (the four clicks), in [0, 1].
+
+    Args:
+        mask: (h, w) bool mask of the box's pixels.
+        points: (4, 2) extreme points (x, y) top, left, bottom, right in the same pixel frame.
+        tolerance: a click is inside when a mask pixel lies within this Chebyshev distance.
+
+    Per click: inside (0/1) and extreme = 1 - |the mask's extreme coordinate on that side -
+    the click's| / the box side along that axis (top/bottom: the mask's first/last row vs the
+    click's y over h; left/right: first/last column vs x over w; floored at 0). The score is
+    the mean over the four clicks of (inside + extreme) / 2: 1 when the mask covers every
+    click and its extremes sit exactly at them; 0 for an empty mask.
+    """
+    if not mask.any():
+        return 0.0
+    h, w = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    pts = np.asarray(points, dtype=np.float64).reshape(4, 2)
+    extremes = (rows[0], cols[0], rows[-1], cols[-1])  # top, left, bottom, right
+    terms = []
+    for k, (x, y) in enumerate(pts):
+        xi, yi = int(round(x)), int(round(y))
+        win = mask[max(yi - tolerance, 0) : max(yi + tolerance + 1, 0),
+                   max(xi - tolerance, 0) : max(xi + tolerance + 1, 0)]  # fmt: skip
+        inside = float(win.any())
+        coord, side = (y, h) if k % 2 == 0 else (x, w)
+        extreme = max(0.0, 1.0 - abs(float(extremes[k]) - coord) / side)
+        terms.append((inside + extreme) / 2)
+    return float(np.mean(terms))
+
+
+def mask_confidence(prob: np.ndarray, mask: np.ndarray) -> float:
+    """Mean probability inside the mask: (h, w) probabilities and their thresholded (h, w)
+    mask -> a value in [threshold, 1]; 0 for an empty mask."""
+    return float(prob[mask].astype(np.float64).mean()) if mask.any() else 0.0
+
+
+def expected_iou(prob: np.ndarray, mask: np.ndarray) -> float:
+    """Soft IoU of the probabilities with their own thresholded mask, an estimate of the mask's
+    IoU if each pixel were foreground with its probability: sum(p * m) / (sum(m) + sum(p) -
+    sum(p * m)) over (h, w) ``prob`` / ``mask``; in [0, 1], 0 for an empty mask."""
+    if not mask.any():
+        return 0.0
+    p = prob.astype(np.float64)
+    inter = float(p[mask].sum())
+    return inter / (float(mask.sum()) + float(p.sum()) - inter)
+
+
+def score_candidates(
+    prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None
+) -> dict[str, float]:
+    """Every quality-score candidate measured for issue 25 (bench/quality.py reports each one's
+    Spearman with IoU): ``expected_iou`` (shipped), ``confidence``, ``margin``, ``click`` and
+    ``click_x_margin``.
+
+    ``prob`` / ``mask``: (h, w) probabilities / thresholded mask of the box's pixels;
+    ``points``: (4, 2) extreme points in that frame, or None / NaN (box-only supervision: the
+    box's side midpoints stand in for the clicks).
+    """
+    if points is None or not np.all(np.isfinite(points)):
+        h, w = mask.shape
+        points = np.array(
+            [[(w - 1) / 2, 0], [0, (h - 1) / 2], [(w - 1) / 2, h - 1], [w - 1, (h - 1) / 2]]
+        )
+    click, margin = click_agreement(mask, points), box_margin(prob)
+    return {"expected_iou": expected_iou(prob, mask), "confidence": mask_confidence(prob, mask),
+            "margin": margin, "click": click, "click_x_margin": click * margin}  # fmt: skip
+
+
+def mask_score(prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None = None) -> float:
+    """The per-mask quality score in [0, 1] (one per instance, from the labeller's own pass):
+    ``expected_iou``, the candidate whose Spearman correlation with the true IoU was the
+    highest on the coco_mini tune split (docs/benchmarks.md). ``prob`` / ``mask``: (h, w) of the
+    box's pixels; ``points`` (the clicks) are used by other candidates only."""
+    return expected_iou(prob, mask)
+
+
 def mask_from_logits(
     logits: np.ndarray,
     box: np.ndarray,
     crop_box: np.ndarray,
     image_hw: tuple[int, int],
     threshold: float,
+    points: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """(h, w) crop-space logits -> (H, W) bool mask confined to ``box`` and its score.
+    """(h, w) crop-space logits -> (H, W) bool mask confined to ``box`` and its quality score.
 
     Sigmoid, bilinear paste through the inverse crop map (zero outside the box), threshold.
-    The score is the mean probability inside the mask (0 for an empty mask).
+    The score is ``mask_score`` over the box's pixels; ``points``: the instance's (4, 2)
+    extreme points (x, y) in image pixels, None for box-only supervision.
     """
     full = paste_probs(logits, box, crop_box, image_hw)  # (H, W) float32, 0 outside the box
+    return threshold_and_score(full, box, threshold, points)
+
+
+def threshold_and_score(
+    full: np.ndarray, box: np.ndarray, threshold: float, points: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """(H, W) pasted probabilities (0 outside ``box``) -> (H, W) bool mask and its
+    ``mask_score`` over the box's pixels; ``points``: (4, 2) extreme points (x, y) in image
+    pixels, None for box-only supervision. The labeller's and the benches' one scoring rule."""
     mask = full >= threshold
-    score = float(full[mask].mean()) if mask.any() else 0.0
-    return mask, score
+    rows, cols = box_pixels(box, full.shape[:2])
+    local = None if points is None else np.asarray(points, np.float64) - [cols.start, rows.start]
+    return mask, mask_score(full[rows, cols], mask[rows, cols], local)
 
 
 def crop_instance(

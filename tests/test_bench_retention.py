@@ -17,7 +17,7 @@ def bench(load_script):
 
 def test_runs_are_validated(bench) -> None:
     s2 = load_config("demo").stage2
-    assert bench.validate(bench.parse_args([]), s2) == ["exits", "box_only", "gt"]
+    assert bench.validate(bench.parse_args([]), s2) == ["exits", "exits_top90", "box_only", "gt"]
     assert bench.validate(bench.parse_args(["--runs", "gt"]), s2) == ["gt"]
     with pytest.raises(ValueError, match="box-only"):
         bench.validate(bench.parse_args(["--runs", "exits,box-only"]), s2)
@@ -127,3 +127,31 @@ def test_scoring_set_is_drawn_apart_from_the_training_data(bench, tmp_path) -> N
     a = open(os.path.join(score["val_images"], "demo_00000.png"), "rb").read()
     b = open(os.path.join(own["images"], "demo_00000.png"), "rb").read()
     assert a != b
+
+
+def test_leave_out_weakest_drops_the_lowest_scores(bench, tmp_path) -> None:
+    import json
+
+    scores = [0.9, 0.2, 0.5, 0.2, 0.8, 0.7, 0.6, 0.95, 0.3, 0.4, 0.85, 0.1]  # ids 1..12
+    src = {"images": [{"id": 1}], "categories": [{"id": 3}],
+           "annotations": [{"id": i + 1, "score": s} for i, s in enumerate(scores)]}  # fmt: skip
+    (tmp_path / "p.json").write_text(json.dumps(src))
+    out = tmp_path / "top.json"
+    # 10 % of 12 -> floor(1.2) = 1 left out: the lowest, id 12 (0.1)
+    got = bench.leave_out_weakest(str(tmp_path / "p.json"), str(out))
+    assert got == {"annotations": 11, "left_out": 1, "cut_score": 0.2}
+    kept = json.loads(out.read_text())
+    assert [a["id"] for a in kept["annotations"]] == list(range(1, 12))
+    assert kept["images"] == src["images"] and kept["categories"] == src["categories"]
+    # 25 %: floor(3) = 3: 0.1 (id 12), then the tie at 0.2 by id: 2, 4
+    got = bench.leave_out_weakest(str(tmp_path / "p.json"), str(out), fraction=0.25)
+    assert got == {"annotations": 9, "left_out": 3, "cut_score": 0.3}
+    assert {a["id"] for a in json.loads(out.read_text())["annotations"]} == set(range(1, 13)) - {
+        2,
+        4,
+        12,
+    }
+    src["annotations"][4].pop("score")
+    (tmp_path / "p.json").write_text(json.dumps(src))
+    with pytest.raises(ValueError, match="without a score, e.g. id 5"):
+        bench.leave_out_weakest(str(tmp_path / "p.json"), str(out))

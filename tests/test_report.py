@@ -14,8 +14,10 @@ import pytest
 
 from exits import storage
 from exits.config import CropConfig, RetrievalConfig
-from exits.data.coco import ERROR_SCHEMA, load_instances, write_table
+from exits.data.coco import ERROR_SCHEMA, write_table
+from exits.data.prepare import load_instances
 from exits.data.synthetic import write_demo_dataset
+from exits.evaluate.weakest import write_weakest_masks
 from exits.label import MASK_SCHEMA
 from exits.pipeline.eval import write_retrieval_examples
 from exits.report import write_report
@@ -86,8 +88,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     # label: masks from the GT (one instance dropped -> shown as "without a pseudo mask")
     rows = inst.to_pylist()
     masks = [{"ann_id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"],
-              "bbox": r["bbox"], "score": 0.9, "segmentation": r["gt_segmentation"], "area": r["area"],
-              "generator": "abc123", "supervision": r["supervision"]} for r in rows[1:]]  # fmt: skip
+              "bbox": r["bbox"], "score": round(0.9 - 0.01 * k, 2), "segmentation": r["gt_segmentation"],
+              "area": r["area"], "generator": "abc123", "supervision": r["supervision"]}
+             for k, r in enumerate(rows[1:])]  # fmt: skip
     write_table(
         pa.Table.from_pylist(masks, schema=MASK_SCHEMA),
         storage.join(run, "label", "masks", "shard-00000.parquet"),
@@ -97,7 +100,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
           "reason": "degenerate extreme points: top == bottom"}], schema=ERROR_SCHEMA)  # fmt: skip
     write_table(label_err, storage.join(run, "label", "errors", "shard-00000.parquet"))
     write_table(errors, storage.join(run, "label", "errors", "prepare.parquet"))
-    _manifest(run, "label", summary=LABEL_SUMMARY)
+    _manifest(run, "label", summary=LABEL_SUMMARY, config={"min_score": 0.25},
+              export={"annotations": len(masks) - 3, "below_min_score": 3})  # fmt: skip
+    write_weakest_masks(run, k=5)  # what the eval stage saves for the weakest-masks section
 
     # stage2: missing; eval: folder without manifest (e.g. the report is written during eval)
     storage.write_json(storage.join(run, "eval", "metrics.json"),
@@ -281,3 +286,22 @@ def test_template_escapes_run_strings(tmp_path) -> None:
     assert "error: &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page
     assert "run&lt;&#34;&amp;&gt;" in page  # the run URI in the page header
     assert _stage_status(page, "stage2") == "failed"
+
+
+def test_weakest_masks_section(run_dir: str) -> None:
+    """Eval's five lowest-score masks drawn as tiles, their ids/scores/IoU in a table, the
+    score histogram, and how many masks label.min_score left out of stage 2's json."""
+    saved = storage.read_json(storage.join(run_dir, "eval", "weakest_masks.json"))
+    page = open(write_report(run_dir, max_overlays=0), encoding="utf-8").read()
+    section = _section(page, "Weakest masks (lowest quality score)")
+    assert 'src="weakest_masks.png"' in section and 'src="score_histogram.png"' in section
+    assert "3 below label.min_score 0.25 were left out of stage 2" in section
+    rows = _rows(section)
+    assert rows[0] == ["rank", "ann_id", "image_id", "score", "IoU"]
+    want = sorted(saved["weakest"], key=lambda e: e["score"])
+    assert [int(r[1]) for r in rows[1:]] == [e["ann_id"] for e in want]
+    assert [r[3] for r in rows[1:]] == [f"{e['score']:.4g}" for e in want]
+    assert all(r[4] == "1" for r in rows[1:])  # the fixture's masks are the GT masks
+    tiles = cv2.imread(os.path.join(run_dir, "report", "weakest_masks.png"))
+    assert tiles.shape[0] >= 160 and tiles.shape[1] >= 5 * 160  # one row of 5 (6 columns)
+    assert cv2.imread(os.path.join(run_dir, "report", "score_histogram.png")) is not None

@@ -13,7 +13,8 @@ Pipeline (streaming; the driver never holds images, crops or logits)::
                        generator loaded once per actor, crops (B, 3, S, S) -> logits
                        (B, S/4, S/4), bf16 autocast on CUDA                (batch_size crops)
       -> paste_masks   CPU tasks: sigmoid, zero outside the box, paste back at full resolution,
-                       threshold, COCO RLE (pycocotools)
+                       threshold, quality score (``exits.inference.mask_score``: the expected
+                       IoU of the box's probabilities with their own mask), COCO RLE
       -> driver        commits finished output shards (below)
 
 Bad input never crashes the job: a missing/corrupt image, an image whose decoded size differs

@@ -52,7 +52,12 @@ def _mask_files(masks_uri: str) -> list[str]:
 
 
 def export_coco(
-    masks_uri: str, source_annotations: str, out_uri: str, *, skip_empty: bool = True
+    masks_uri: str,
+    source_annotations: str,
+    out_uri: str,
+    *,
+    skip_empty: bool = True,
+    min_score: float = 0.0,
 ) -> dict[str, int]:
     """Write a COCO json of the pseudo masks at ``out_uri``, streaming (published atomically).
 
@@ -65,10 +70,13 @@ def export_coco(
         source_annotations: URI of the dataset's original COCO json (images/categories kept).
         out_uri: where to write the json (local or s3).
         skip_empty: leave out masks with zero area (nothing for stage 2 to learn from).
+        min_score: leave out (non-empty) masks whose quality score is below this
+            (``label.min_score``; 0 = keep all); they stay in the Parquet shards.
 
     Returns:
-        {"images", "categories", "annotations", "skipped_empty"}.
+        {"images", "categories", "annotations", "skipped_empty", "below_min_score"}.
     """
+    storage.remove_stale_temps(out_uri)  # "<out>.tmp-*" of an interrupted export (kill -9)
     files = _mask_files(masks_uri)
     meta: dict[str, Any] = {}
     images: list[Any] = []  # image entries only (no annotations): memory ~ the image count
@@ -81,7 +89,8 @@ def export_coco(
     drop_unusable_images(kept)  # entries that cannot be images (bad id/size/name): not exported
     images = kept["images"]
     image_ids = [int(i["id"]) for i in images]
-    counts = {"images": len(images), "categories": 0, "annotations": 0, "skipped_empty": 0}
+    counts = {"images": len(images), "categories": 0, "annotations": 0, "skipped_empty": 0,
+              "below_min_score": 0}  # fmt: skip
     with storage.publish_stream(out_uri) as out:
         out.write(b'{"images": [')
         for k in range(0, len(images), EXPORT_BATCH):
@@ -101,6 +110,10 @@ def export_coco(
                 empty = pc.equal(table["area"], 0).fill_null(True)
                 counts["skipped_empty"] += int(pc.sum(empty).as_py() or 0)
                 table = table.filter(pc.invert(empty))
+            if min_score > 0:  # a null score counts as below
+                low = pc.less(table["score"], min_score).fill_null(True)
+                counts["below_min_score"] += int(pc.sum(low).as_py() or 0)
+                table = table.filter(pc.invert(low))
             unknown = ~np.isin(table["image_id"].to_numpy(), known)
             if unknown.any():
                 row = table.slice(int(np.argmax(unknown)), 1).to_pylist()[0]

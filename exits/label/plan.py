@@ -38,7 +38,7 @@ MASK_SCHEMA = pa.schema(
         ("image_id", pa.int64()),
         ("category_id", pa.int64()),
         ("bbox", pa.list_(pa.float64(), 4)),  # COCO xywh of the box the mask is confined to
-        ("score", pa.float64()),  # mean probability inside the mask (0 for an empty mask)
+        ("score", pa.float64()),  # quality score in [0, 1] (exits.inference.mask_score)
         ("segmentation", pa.string()),  # COCO RLE json {"size": [h, w], "counts": str}
         ("area", pa.float64()),  # mask area in pixels
         ("generator", pa.string()),  # checkpoint content id (exits.checkpoints)
@@ -92,16 +92,24 @@ def expected_ids(table: pa.Table) -> dict[int, np.ndarray]:
     return {int(shards[b]): ids[b:e] for b, e in zip(bounds[:-1], bounds[1:])}
 
 
-def image_rows(table: pa.Table) -> pa.Table:
+def image_rows(table: pa.Table, max_instances: int = 0) -> pa.Table:
     """Group a sharded instance table (sorted by image) into one row per image.
 
     Per-image columns: shard, image_id, file_name, height, width. Per-instance list columns:
     ann_id, category_id, bbox (xywh), extreme_points ((4, 2) or null), supervision.
+    ``max_instances`` > 0: an image with more instances takes several rows of at most that many
+    (each decodes the image again), so one image holding thousands of annotations streams
+    through the pipeline in pieces: results (and progress) keep coming, memory stays bounded.
     """
     if table.num_rows == 0:
         return pa.table({})
     image_ids = table["image_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]])
+    new_image = np.r_[True, image_ids[1:] != image_ids[:-1]]
+    if max_instances > 0:
+        index = np.arange(len(image_ids))
+        first = np.maximum.accumulate(np.where(new_image, index, 0))  # first row of its image
+        new_image |= (index - first) % max_instances == 0
+    starts = np.flatnonzero(new_image)
     offsets = pa.array(np.r_[starts, table.num_rows].astype(np.int32))
     cols: dict[str, pa.Array] = {
         name: table[name].combine_chunks().take(pa.array(starts))

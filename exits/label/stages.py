@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from exits.config import CropConfig, LabelConfig
+from exits.config import CropConfig, DataConfig, LabelConfig
 from exits.data import rle
 from exits.data.crops import crop_and_resize, enlarge_box, instance_box
 from exits.data.images import ImageError, load_image_under
@@ -26,25 +26,28 @@ DECODE_MEMORY_FACTOR = 4  # decoded image + warp buffers, in units of the decode
 # Stage 1: decode + crop (CPU tasks)
 # --------------------------------------------------------------------------------------
 def crop_images(
-    batch: pa.Table, *, images: str, size: int, enlarge: float
+    batch: pa.Table, *, images: str, size: int, enlarge: float, max_image_bytes: int | None = None
 ) -> dict[str, np.ndarray]:
     """Decode each image of ``batch`` (image rows) once and cut all of its instance crops.
 
     Returns one row per instance: shard, ann_id, image_id, category_id, height, width,
-    bbox (N, 4) xywh, box / crop_box (N, 4) [x0, y0, x1, y1] edge coords, supervision,
-    reason ("" or why the instance is an error row) and crop (N, S, S, 3) uint8 RGB
-    (zeros for error rows).
+    bbox (N, 4) xywh, box / crop_box (N, 4) [x0, y0, x1, y1] edge coords, points (N, 4, 2)
+    extreme points (x, y) in image pixels (NaN for box-only and error rows: the score's
+    clicks), supervision, reason ("" or why the instance is an error row) and crop
+    (N, S, S, 3) uint8 RGB (zeros for error rows).
     """
     out: dict[str, list] = {k: [] for k in (
         "shard", "ann_id", "image_id", "category_id", "height", "width", "bbox", "box",
-        "crop_box", "supervision", "reason", "crop")}  # fmt: skip
+        "crop_box", "points", "supervision", "reason", "crop")}  # fmt: skip
     blank = np.zeros((size, size, 3), np.uint8)
     nan4 = np.full(4, np.nan)
+    nan42 = np.full((4, 2), np.nan)
     for img in batch.to_pylist():
         h, w = int(img["height"]), int(img["width"])
         image_reason = None
         try:
-            pixels = load_image_under(images, img["file_name"], expected=(h, w))
+            pixels = load_image_under(images, img["file_name"], expected=(h, w),
+                                      max_bytes=max_image_bytes or DataConfig.max_image_bytes)  # fmt: skip
             if pixels.shape[:2] != (h, w):
                 image_reason = f"image size {pixels.shape[1]}x{pixels.shape[0]} differs from annotation {w}x{h}"
         except ImageError as e:
@@ -65,6 +68,8 @@ def crop_images(
             out["bbox"].append(bbox if bbox is not None else nan4)
             out["box"].append(box if box is not None else nan4)
             out["crop_box"].append(crop_box)
+            use_points = reason is None and supervision == "extreme_points"
+            out["points"].append(np.asarray(points, np.float64) if use_points else nan42)
             out["supervision"].append(supervision)
             out["reason"].append(reason or "")
             out["crop"].append(crop)
@@ -79,6 +84,7 @@ def crop_images(
         "bbox": np.asarray(out["bbox"], np.float64).reshape(n, 4),
         "box": np.asarray(out["box"], np.float64).reshape(n, 4),
         "crop_box": np.asarray(out["crop_box"], np.float64).reshape(n, 4),
+        "points": np.asarray(out["points"], np.float64).reshape(n, 4, 2),
         "supervision": np.asarray(out["supervision"], dtype=object),
         "reason": np.asarray(out["reason"], dtype=str).astype(object),
         "crop": np.stack(out["crop"]) if n else np.zeros((0, size, size, 3), np.uint8),
@@ -195,9 +201,11 @@ def paste_masks(batch: dict[str, np.ndarray], *, threshold: float) -> pa.Table:
         }
         if reason is None:
             h, w = int(batch["height"][i]), int(batch["width"][i])
+            points = batch["points"][i]  # (4, 2); NaN for box-only supervision
             mask, score = mask_from_logits(
-                batch["logits"][i], batch["box"][i], batch["crop_box"][i], (h, w), threshold
-            )
+                batch["logits"][i], batch["box"][i], batch["crop_box"][i], (h, w), threshold,
+                points=points if np.isfinite(points).all() else None,
+            )  # fmt: skip
             segm = rle.encode(mask)
             row.update(
                 bbox=[float(v) for v in batch["bbox"][i]],
@@ -215,6 +223,24 @@ def crop_task_memory(rows: pa.Table, size: int, images_per_block: int) -> int:
     per_image = int(pixels.max()) * 3 * DECODE_MEMORY_FACTOR
     crops = int(max(len(a) for a in rows["ann_id"].to_pylist())) * size * size * 3
     return images_per_block * (per_image + crops)
+
+
+def fit_task_cpus(cfg: LabelConfig, cluster_cpus: float) -> float:
+    """CPUs per decode/paste task so that one task of each CPU stage fits beside the actor pool.
+
+    Ray Data reserves each operator's minimum (one task; the whole pool) in pipeline order
+    and gives an operator whose minimum no longer fits no CPU budget while an upstream stage
+    is still running. With decode + pool + paste above the cluster's CPUs (2 cores, 1 actor x
+    1 CPU, 1-CPU tasks) paste then waits for decode, and every result reaches the driver at
+    the end of the run instead of streaming. Returns ``min(cfg.cpus_per_task, (cluster_cpus -
+    pool CPUs) / 2)``; never raises the request; ``cfg.cpus_per_task`` unchanged when the
+    tasks are pinned to a decode node type (``decode_resource``: an autoscaling cluster's
+    current CPUs say nothing of the nodes to come) or when the pool leaves no CPU.
+    """
+    left = cluster_cpus - cfg.num_actors * cfg.cpus_per_actor
+    if cfg.decode_resource or left <= 0:
+        return cfg.cpus_per_task
+    return min(cfg.cpus_per_task, left / 2)
 
 
 def fit_memory_request(request: int) -> int:
@@ -237,26 +263,41 @@ def build_dataset(
     generator_id: str | None,
     crop: CropConfig,
     cfg: LabelConfig,
+    max_image_bytes: int | None = None,
 ):
-    """The lazy Ray Data pipeline over image rows (see the module docstring)."""
+    """The lazy Ray Data pipeline over image rows (see the module docstring); image files
+    larger than ``max_image_bytes`` (None: ``DataConfig``'s default) are error rows; the
+    decode/paste tasks' CPUs come from :func:`fit_task_cpus`."""
+    import ray
     import ray.data
 
     n = rows.num_rows
     step = max(1, cfg.images_per_block)
     # CPU stages pinned to the decode node type when the profile names its resource
     pin = {"resources": {cfg.decode_resource: 0.001}} if cfg.decode_resource else {}
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    task_cpus = fit_task_cpus(cfg, cluster_cpus)
+    if task_cpus != cfg.cpus_per_task:
+        log.info("label: decode/paste tasks at %.3g CPU each (label.cpus_per_task %.3g and "
+                 "the pool's %.3g do not fit %.3g CPUs)", task_cpus, cfg.cpus_per_task,
+                 cfg.num_actors * cfg.cpus_per_actor, cluster_cpus)  # fmt: skip
     blocks = [rows.slice(i, step) for i in range(0, n, step)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         crop_images,
         batch_size=cfg.images_per_block,
         batch_format="pyarrow",
-        fn_kwargs={"images": images, "size": crop.size, "enlarge": crop.inference_enlarge},
+        fn_kwargs={
+            "images": images,
+            "size": crop.size,
+            "enlarge": crop.inference_enlarge,
+            "max_image_bytes": max_image_bytes,
+        },
         # A memory request sized from the metadata. It also keeps this CPU stage out of the
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
         memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
-        num_cpus=cfg.cpus_per_task,
+        num_cpus=task_cpus,
         **pin,
     )
     ds = ds.map_batches(
@@ -279,6 +320,6 @@ def build_dataset(
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_kwargs={"threshold": cfg.threshold},
-        num_cpus=cfg.cpus_per_task,
+        num_cpus=task_cpus,
         **pin,
     )

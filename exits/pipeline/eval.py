@@ -7,7 +7,6 @@ import logging
 import time
 
 import numpy as np
-import pyarrow as pa
 
 from exits import manifest, storage
 from exits.config import CropConfig, PipelineConfig, RetrievalConfig
@@ -17,13 +16,6 @@ from exits.pipeline.common import STAGES, data_paths, stage_uri
 from exits.report import EXAMPLES_JSON, EXAMPLES_NPZ, FIGURE_ERRORS
 
 logger = logging.getLogger(__name__)
-
-
-def _instance_rows(run: str, name: str) -> list[dict]:
-    from exits.data.coco import read_table
-
-    uri = stage_uri(run, "prepare", name)
-    return read_table(uri).to_pylist() if storage.exists(uri) else []
 
 
 def write_retrieval_examples(
@@ -73,7 +65,9 @@ def write_retrieval_examples(
     if grid <= 0:
         grid, note = size // 8, " (grid = crop size / 8: no warmup model)"
     spec = CropSpec(size=size, train=False, inference_enlarge=crop.inference_enlarge)
-    ds = CropDataset(table, images, spec)
+    # the byte limit prepare checked these images with (data.max_image_bytes)
+    max_bytes = (prep.get("config") or {}).get("max_image_bytes")
+    ds = CropDataset(table, images, spec, max_image_bytes=max_bytes)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     arrays = retrieval_examples(batch, grid, rcfg, extractor)
     buf = io.BytesIO()
@@ -87,30 +81,28 @@ def write_retrieval_examples(
 
 
 def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
-    from exits.evaluate import markdown_report, pseudo_label_miou
-    from exits.evaluate.metrics import box_baseline_miou
+    from exits.evaluate import markdown_report
+    from exits.evaluate.streaming import table_box_baseline_miou, table_pseudo_label_miou
 
     started = time.time()
-    paths = data_paths(run)
+    data_paths(run)  # raises when prepare has not run
     metrics: dict = {"dataset": cfg.data.name}
     label_m = manifest.read_manifest(run, "label") or {}
-    if label_m.get("pseudo_json"):
-        metrics["pseudo_label_miou"] = pseudo_label_miou(
-            paths["annotations"], label_m["pseudo_json"]
+    instances = stage_uri(run, "prepare", "instances.parquet")
+    if label_m:  # streamed part by part: the driver holds sums, not instances
+        metrics["pseudo_label_miou"] = table_pseudo_label_miou(
+            stage_uri(run, "label", "masks"), instances
         )
-        metrics["pseudo_label_miou_box"] = box_baseline_miou(
-            paths["annotations"], _instance_rows(run, "instances.parquet")
-        )
+        metrics["pseudo_label_miou_box"] = table_box_baseline_miou(instances)
         metrics["label_summary"] = label_m.get("summary", {})
     gen_m = manifest.read_manifest(run, "generator") or {}
+    val = stage_uri(run, "prepare", "val_instances.parquet")
     if gen_m.get("metrics", {}).get("pseudo_label"):
-        from exits.evaluate.quality import gt_json_from_table
-
         metrics["pseudo_label_heldout"] = gen_m["metrics"]["pseudo_label"]
-        rows = [r for r in _instance_rows(run, "val_instances.parquet") if r.get("gt_segmentation")]
-        if rows:  # the held-out GT as the stage-1b metric sees it (quality.evaluate_generator)
-            gt = gt_json_from_table(pa.Table.from_pylist(rows))
-            metrics["pseudo_label_heldout_box"] = box_baseline_miou(gt, rows)
+        if storage.exists(val):  # the held-out GT as the stage-1b metric sees it (quality.py)
+            heldout_box = table_box_baseline_miou(val)
+            if heldout_box["all"]["count"]:
+                metrics["pseudo_label_heldout_box"] = heldout_box
     warm_m = manifest.read_manifest(run, "warmup") or {}
     metrics["retrieval"] = warm_m.get("metrics", {})
     s2 = (manifest.read_manifest(run, "stage2") or {}).get("metrics") or {}
@@ -127,6 +119,13 @@ def run_eval(cfg: PipelineConfig, run: str, fp: str) -> dict:
     except FIGURE_ERRORS as e:  # the report shows the reason instead of the figure
         logger.warning("retrieval examples unavailable: %s: %s", type(e).__name__, e)
         storage.write_json(stage_uri(run, "eval", EXAMPLES_JSON), {"unavailable": f"{type(e).__name__}: {e}"})  # fmt: skip
+    from exits.evaluate.weakest import WEAKEST_JSON, write_weakest_masks
+
+    try:  # the report's weakest-masks section: streamed here, drawn there
+        write_weakest_masks(run)
+    except FIGURE_ERRORS as e:
+        logger.warning("weakest masks unavailable: %s: %s", type(e).__name__, e)
+        storage.write_json(stage_uri(run, "eval", WEAKEST_JSON), {"unavailable": f"{type(e).__name__}: {e}"})  # fmt: skip
     from exits.report import write_report
 
     # The page is drawn before this stage's manifest is published (the manifest comes last),

@@ -35,6 +35,21 @@ def _fit_actor_pool(label_cfg):
     return label_cfg
 
 
+def _check_counts(run: str, summary: dict) -> None:
+    """Every instance and error row prepare counted (its manifest, written when the table was)
+    is in the label outputs: checked against those counts, not against the table on disk."""
+    from exits.label.commit import OutputMismatch
+
+    counts = manifest.read_manifest(run, "prepare")["counts"]
+    if (summary["masks"] + summary["errors"], summary["prepare_errors"]) != (
+        counts["instances"], counts["errors"]):  # fmt: skip
+        raise OutputMismatch(
+            f"label: prepare counted {counts['instances']} instances and {counts['errors']} "
+            f"error rows; the outputs hold {summary['masks']} masks + {summary['errors']} errors "
+            f"and {summary['prepare_errors']} prepare errors"
+        )
+
+
 def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
     from exits.data.coco import read_table
     from exits.label import label_instances
@@ -46,10 +61,12 @@ def run_label(cfg: PipelineConfig, run: str, fp: str) -> dict:
     summary = label_instances(
         stage_uri(run, "prepare", "instances.parquet"), paths["images"], stage_uri(run, "generator", "model.pt"), run,
         cfg.crop, label_cfg, upstream_errors=read_table(stage_uri(run, "prepare", "errors.parquet")),
-        shard_images=label_cfg.shard_images,
+        shard_images=label_cfg.shard_images, max_image_bytes=cfg.data.max_image_bytes,
     )  # fmt: skip
+    _check_counts(run, summary)
     coco = export_coco(
-        stage_uri(run, "label", "masks"), paths["annotations"], stage_uri(run, "label", PSEUDO_JSON)
-    )
+        stage_uri(run, "label", "masks"), paths["annotations"], stage_uri(run, "label", PSEUDO_JSON),
+        min_score=cfg.label.min_score,
+    )  # fmt: skip
     return manifest.write_manifest(run, "label", fp, started, summary=summary, export=coco,
                                    pseudo_json=stage_uri(run, "label", PSEUDO_JSON), config=asdict(cfg.label))  # fmt: skip

@@ -13,6 +13,9 @@ renders one self-contained page (inline CSS, no scripts):
 * the errors table (first rows with reasons, counts by reason);
 * overlays: pseudo masks (``label/masks``) next to the GT (``prepare`` instance table) with
   the extreme points, for a few images;
+* weakest masks: the 24 lowest-score masks (mask, box, four clicks, score, IoU with the GT)
+  and the histogram of every mask's score, drawn from what the eval stage streamed out of the
+  masks table (``eval/weakest_masks.json``, :mod:`exits.evaluate.weakest`);
 * a retrieval figure: for a few val crops, the initial FG points (extreme points moved inward)
   and the retrieved pseudo-FG / pseudo-BG patches of the configured similarity source, drawn
   from what the eval stage saved (``eval/retrieval_examples.npz`` + ``.json``).
@@ -46,7 +49,7 @@ from exits.report.common import (
     heading,
     load_run,
 )
-from exits.report.figures import loss_curve, overlay_section, retrieval_section
+from exits.report.figures import loss_curve, overlay_section, retrieval_section, weakest_section
 from exits.report.sections import (
     ap_table,
     errors_section,
@@ -95,6 +98,7 @@ def render_html(r: Run, max_overlays: int) -> str:
         *loss_curve(r, "generator"),
         *errors_section(r),
         *overlay_section(r, max_overlays),
+        *weakest_section(r),
         *retrieval_section(r, max_overlays),
     ]
     versions = sorted(

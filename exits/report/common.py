@@ -32,6 +32,9 @@ OVERLAY_MAX_SIDE = 640  # large images are downscaled to at most this side
 RETRIEVAL_TILE = 288  # pixels per retrieval crop tile
 EXAMPLES_NPZ = "retrieval_examples.npz"  # written by the eval stage (exits.pipeline.eval)
 EXAMPLES_JSON = "retrieval_examples.json"  # their meta, or {"unavailable": reason}
+WEAKEST_JSON = "weakest_masks.json"  # eval's lowest-score masks + score histogram
+WEAK_TILE = 160  # pixels per weakest-mask tile
+WEAK_COLUMNS = 6  # tiles per row of the weakest-masks figure
 MIOU_GROUPS = ("all", "separated", "small", "medium", "large")
 # a stage-2 AP figure: mmdet's "coco/segm_mAP_50", eval's "segm.mAP_50" (not iter, epoch, lr)
 AP_KEY = re.compile(r"(?:^|[/._])(?:segm|bbox)[/._]m?AP")

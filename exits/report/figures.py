@@ -1,6 +1,6 @@
 """The report's figures: PNGs under ``<run>/report/`` drawn from saved artifacts (loss curves,
-pseudo masks vs GT overlays, the retrieval examples the eval stage saved), each returned as
-plain-data blocks. A figure that cannot be drawn returns an "unavailable" block with the reason.
+pseudo masks vs GT overlays, the retrieval examples and the weakest masks the eval stage
+saved), each returned as plain-data blocks. A figure that cannot be drawn returns an "unavailable" block with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from exits.report.common import (
     OVERLAY_MAX_SIDE,
     OVERLAY_MIN_SIDE,
     RETRIEVAL_TILE,
+    WEAK_COLUMNS,
+    WEAK_TILE,
+    WEAKEST_JSON,
     Block,
     Run,
     figure,
@@ -30,6 +33,7 @@ from exits.report.common import (
     png,
     read_json,
     read_parquet,
+    table,
     unavailable,
 )
 
@@ -152,7 +156,8 @@ def overlay_section(r: Run, max_overlays: int) -> list[Block]:
             continue
         try:
             h, w = int(rows[0]["height"]), int(rows[0]["width"])
-            image = load_image_under(images, rows[0]["file_name"])
+            image = load_image_under(images, rows[0]["file_name"],  # prepare's byte limit
+                                     max_bytes=(prep.get("config") or {}).get("max_image_bytes"))  # fmt: skip
             if image.shape[:2] != (h, w):
                 raise ValueError(f"decoded size {image.shape[:2]} != table size {(h, w)}")
             pseudo_by_ann = {p["ann_id"]: p for p in pseudo[image_id]}
@@ -284,3 +289,113 @@ def _retrieval_figure(r: Run, n_crops: int) -> list[Block]:
               **{k: meta.get(k) for k in ("similarity", "split", "threshold_rule", "hops", "delta")}}  # fmt: skip
     caption = "Crops left to right, top to bottom: " + "; ".join(captions)
     return [legend, figure("retrieval.png", caption)]
+
+
+# ----------------------------------------------------------------------------- weakest masks
+def _score_histogram_png(edges: list[float], counts: list[int]) -> bytes:
+    """Bar chart of the score histogram eval saved (``bins`` edges, counts per bin)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = np.asarray(edges, np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(e[:-1], counts, width=np.diff(e), align="edge", color="#4c72b0", edgecolor="white")
+    ax.set_xlim(float(e[0]), float(e[-1]))
+    ax.set_xlabel("mask quality score")
+    ax.set_ylabel("masks")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with tempfile.TemporaryFile() as f:
+        fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+        f.seek(0)
+        return f.read()
+
+
+def _weak_tile(image: np.ndarray, entry: dict) -> np.ndarray:
+    """One weak mask: the box enlarged x1.3 around it, the mask blended, the box (white) and
+    the four clicks, resized to WEAK_TILE px with a caption bar (ann id, score, IoU)."""
+    from exits.data.visualize import draw_instances
+
+    h, w = image.shape[:2]
+    mask = _decode_rle(entry.get("segmentation"), h, w)
+    pts = entry.get("extreme_points")
+    points = [np.asarray(pts)] if pts is not None else []
+    drawn = draw_instances(image, [mask], points)
+    x0, y0, x1, y1 = (float(v) for v in entry["box"])
+    cv2.rectangle(drawn, (int(x0), int(y0)), (int(math.ceil(x1)) - 1, int(math.ceil(y1)) - 1),
+                  (255, 255, 255), 1)  # fmt: skip
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * 0.65
+    c0, r0 = max(int(cx - half), 0), max(int(cy - half), 0)
+    c1, r1 = min(int(math.ceil(cx + half)), w), min(int(math.ceil(cy + half)), h)
+    region = drawn[r0:r1, c0:c1]
+    s = WEAK_TILE / max(region.shape[:2])
+    size = (max(1, round(region.shape[1] * s)), max(1, round(region.shape[0] * s)))
+    region = cv2.resize(region, size, interpolation=cv2.INTER_NEAREST if s > 1 else cv2.INTER_AREA)
+    tile = np.full((WEAK_TILE, WEAK_TILE, 3), 255, np.uint8)
+    tile[: region.shape[0], : region.shape[1]] = region
+    iou = entry.get("iou")
+    text = f"{entry['ann_id']}  s {entry['score']:.2f}" + (
+        f"  IoU {iou:.2f}" if iou is not None else ""
+    )
+    return _titled(tile, text)
+
+
+def weakest_section(r: Run) -> list[Block]:
+    """The lowest-score masks (eval/weakest_masks.json: eval streamed the masks table) as
+    overlays, and the histogram of every mask's score."""
+    from exits.data.images import load_image_under
+
+    title = heading("Weakest masks (lowest quality score)")
+    try:
+        data = read_json(manifest.stage_uri(r.uri, "eval", WEAKEST_JSON))
+        if data is None:
+            raise FileNotFoundError(f"eval/{WEAKEST_JSON} missing (the eval stage has not run)")
+        if "unavailable" in data:
+            raise ValueError(data["unavailable"])
+        label = r.m("label")
+        below = (label.get("export") or {}).get("below_min_score")
+        text = f"{fmt(data['count'])} masks scored."
+        if below:
+            min_score = (label.get("config") or {}).get("min_score")
+            text += (f" {fmt(below)} below label.min_score {fmt(min_score)} were left out of "
+                     "stage 2's json (they stay in label/masks).")  # fmt: skip
+        blocks: list[Block] = [title, {"kind": "p", "text": text}]
+        storage.publish_bytes(storage.join(r.out, "score_histogram.png"),
+                              _score_histogram_png(data["bins"], data["histogram"]))  # fmt: skip
+        blocks.append(figure("score_histogram.png", "Quality score of every mask"))
+        images = r.m("prepare")["data"]["images"]
+        max_bytes = (r.m("prepare").get("config") or {}).get("max_image_bytes")  # prepare's
+    except FIGURE_ERRORS as e:
+        return [title, unavailable(f"{type(e).__name__}: {e}")]
+    tiles, cache, skipped = [], {}, []
+    for entry in data["weakest"]:
+        try:
+            name = entry["file_name"]
+            if name not in cache:
+                cache.clear()
+                cache[name] = load_image_under(images, name, max_bytes=max_bytes)
+            tiles.append(_weak_tile(cache[name], entry))
+        except FIGURE_ERRORS as e:
+            skipped.append(f"ann {entry.get('ann_id')}: {type(e).__name__}: {e}")
+    if tiles:
+        blank = np.full_like(tiles[0], 255)
+        rows = [tiles[k : k + WEAK_COLUMNS] for k in range(0, len(tiles), WEAK_COLUMNS)]
+        rows = [_side_by_side(row + [blank] * (WEAK_COLUMNS - len(row))) for row in rows]
+        gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+        grid = np.concatenate([x for row in rows for x in (row, gap)][:-1], axis=0)
+        storage.publish_bytes(storage.join(r.out, "weakest_masks.png"), png(grid))
+        caption = (f"The {len(tiles)} lowest-score masks, lowest first (left to right, top to "
+                   "bottom): ann id, score s and IoU with the GT mask where one exists; white: "
+                   "the box, dots: the four extreme points.")  # fmt: skip
+        blocks.append(figure("weakest_masks.png", caption))
+    if data["weakest"]:
+        listed = [[k + 1, e.get("ann_id"), e.get("image_id"), e.get("score"), e.get("iou")]
+                  for k, e in enumerate(data["weakest"])]  # fmt: skip
+        blocks.append(table(["rank", "ann_id", "image_id", "score", "IoU"], listed, 3))
+    blocks += [unavailable(s) for s in skipped]
+    return blocks

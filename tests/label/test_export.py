@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from exits.data.coco import load_instances, read_table, write_table
+from exits.data.coco import read_table, write_table
+from exits.data.prepare import load_instances
 from exits.label.export import annotation_from_row, export_coco
 from exits.label.plan import MASK_SCHEMA
 
@@ -53,11 +54,40 @@ def test_streaming_export_equals_in_memory_export(demo_dataset, tmp_path):
     new, old = json.load(open(out)), in_memory_export(str(masks_dir), str(source))
     assert stats == {"images": len(old["images"]), "categories": len(old["categories"]),
                      "annotations": len(old["annotations"]),
-                     "skipped_empty": n - len(old["annotations"])}  # fmt: skip
+                     "skipped_empty": n - len(old["annotations"]), "below_min_score": 0}  # fmt: skip
     # same json; annotations come shard by shard (each sorted by id), not globally by id
     new["annotations"].sort(key=lambda a: a["id"])
     assert new == old
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_min_score_leaves_weak_masks_out_of_the_json_only(demo_dataset, tmp_path):
+    """label.min_score: masks below it are not exported (and counted); the Parquet keeps them."""
+    inst, _ = load_instances(demo_dataset["annotations"], demo_dataset["images"])
+    n = inst.num_rows
+    scores = np.round(np.linspace(0.0, 1.0, n), 6)
+    area = [0.0 if i == n - 1 else a for i, a in enumerate(inst["area"].to_pylist())]
+    masks = pa.table({
+        "ann_id": inst["ann_id"], "image_id": inst["image_id"], "category_id": inst["category_id"],
+        "bbox": inst["bbox"], "score": pa.array(scores), "segmentation": inst["gt_segmentation"],
+        "area": pa.array(area), "generator": pa.array(["g"] * n), "supervision": inst["supervision"],
+    }).cast(MASK_SCHEMA)  # fmt: skip
+    write_table(masks, str(tmp_path / "masks" / "shard-00000.parquet"))
+    out = tmp_path / "pseudo.json"
+    stats = export_coco(str(tmp_path / "masks"), demo_dataset["annotations"], str(out),
+                        min_score=0.5)  # fmt: skip
+    # the last row (score 1) is empty: skipped as empty, not as weak
+    below = int((scores[:-1] < 0.5).sum())
+    assert stats["skipped_empty"] == 1 and stats["below_min_score"] == below
+    anns = json.load(open(out))["annotations"]
+    assert len(anns) == stats["annotations"] == n - 1 - below
+    want = {
+        int(a): float(s) for a, s in zip(inst["ann_id"].to_pylist()[:-1], scores[:-1]) if s >= 0.5
+    }
+    assert {a["id"]: a["score"] for a in anns} == want
+    assert read_table(str(tmp_path / "masks" / "shard-00000.parquet")).num_rows == n
+    off = export_coco(str(tmp_path / "masks"), demo_dataset["annotations"], str(out))
+    assert off["below_min_score"] == 0 and off["annotations"] == n - 1
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from pycocotools import mask as mask_utils
 
 from exits import storage
 from exits.config import CropConfig, LabelConfig
-from exits.data.coco import INSTANCE_SCHEMA, load_instances, read_table
+from exits.data.coco import INSTANCE_SCHEMA, read_table
+from exits.data.prepare import load_instances
 from exits.label import (
     InjectedFault,
     OutputMismatch,
@@ -87,7 +88,42 @@ def test_mask_from_logits_zero_outside_box():
     crop_box = np.array([15.5, 25.5, 54.5, 64.5])
     mask, score = mask_from_logits(logits, box, crop_box, (96, 96), 0.5)
     assert mask.sum() == 30 * 30 and mask[30:60, 20:50].all()
+    # expected IoU with all n box pixels in the mask at p = sigmoid(5): sum(p) / n = sigmoid(5)
     assert score == pytest.approx(1 / (1 + np.exp(-5.0)), rel=1e-4)
+
+
+def test_crop_and_paste_carry_the_clicks_and_score_each_mask(tmp_path):
+    """crop_images -> (stub logits) -> paste_masks without Ray: the extreme points travel with
+    the row (NaN for box-only and error rows), every mask row carries its score, an error row
+    none."""
+    from exits.label.stages import crop_images, paste_masks
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    pts = [[15, 10], [10, 20], [22, 29], [29, 14]]  # box x 10..30, y 10..30
+    rows = [
+        {"image_id": 1, "ann_id": 7, "category_id": 1, "file_name": "a.png", "height": 40,
+         "width": 40, "bbox": [10.0, 10.0, 20.0, 20.0], "extreme_points": pts,
+         "supervision": "extreme_points"},
+        {"image_id": 1, "ann_id": 8, "category_id": 1, "file_name": "a.png", "height": 40,
+         "width": 40, "bbox": [0.0, 0.0, 8.0, 8.0], "extreme_points": None, "supervision": "box"},
+        {"image_id": 1, "ann_id": 9, "category_id": 1, "file_name": "a.png", "height": 40,
+         "width": 40, "bbox": [0.0, 0.0, 8.0, 8.0], "extreme_points": [[1, 1]] * 4,
+         "supervision": "extreme_points"},
+    ]  # fmt: skip
+    table = assign_shards(pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA), 4)
+    batch = crop_images(image_rows(table), images=str(tmp_path), size=32, enlarge=1.3)
+    np.testing.assert_array_equal(batch["points"][0], pts)
+    assert np.isnan(batch["points"][1:]).all()  # box-only and error rows: no clicks
+    n = len(batch["ann_id"])
+    batch.pop("crop")
+    batch["logits"] = np.full((n, 8, 8), 4.0, np.float32)  # everything foreground
+    batch["generator"] = np.full(n, "g", dtype=object)
+    out = paste_masks(batch, threshold=0.5).to_pylist()
+    assert [r["ann_id"] for r in out] == [7, 8, 9]
+    # the box is all foreground at p = sigmoid(4): expected IoU sum(p) / n = sigmoid(4)
+    assert out[0]["score"] == pytest.approx(1 / (1 + np.exp(-4.0)), rel=1e-5)
+    assert out[1]["score"] == pytest.approx(1 / (1 + np.exp(-4.0)), rel=1e-5)
+    assert out[2]["score"] is None and out[2]["reason"].startswith("degenerate extreme points")
 
 
 # ---------------------------------------------------------------------- integration (Ray)
@@ -118,6 +154,22 @@ def s3_run(ray_cluster, moto_server, demo_dataset, generator_ckpt):
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_task_cpus_fit_beside_the_pool():
+    from exits.label.stages import fit_task_cpus
+
+    # 2 cores, 1 actor x 1 CPU: decode and paste share the core left, half each
+    assert fit_task_cpus(LabelConfig(), 2.0) == 0.5
+    # 2 actors x 0.75 CPU on 2 cores: (2 - 1.5) / 2
+    pool = LabelConfig(num_actors=2, cpus_per_actor=0.75, cpus_per_task=0.5)
+    assert fit_task_cpus(pool, 2.0) == 0.25
+    # enough CPUs, or a smaller request: the request stands (never raised)
+    assert fit_task_cpus(LabelConfig(), 16.0) == 1.0
+    assert fit_task_cpus(LabelConfig(cpus_per_task=0.25), 2.0) == 0.25
+    # pinned to a decode node type, or no CPU beside the pool: the config's value
+    assert fit_task_cpus(LabelConfig(decode_resource="decode_node"), 2.0) == 1.0
+    assert fit_task_cpus(LabelConfig(cpus_per_actor=2.0), 2.0) == 1.0
+
+
 def test_label_to_s3_round_trip(s3_run):
     instances, summary, run = s3_run["instances"], s3_run["summary"], f"{s3_run['root']}/run"
     assert summary["masks"] == instances.num_rows and summary["errors"] == 0
