@@ -23,6 +23,7 @@ import pyarrow.dataset as ds
 
 from exits import manifest, storage
 from exits.data import rle
+from exits.data.coco import parquet_dataset
 from exits.data.crops import instance_box
 
 WEAKEST = 24  # masks shown in the report's weakest-masks section
@@ -31,19 +32,6 @@ WEAKEST_JSON = "weakest_masks.json"  # <run>/eval/weakest_masks.json
 BATCH_ROWS = 65536  # (ann_id, score) rows per streamed batch
 INSTANCE_COLUMNS = ["ann_id", "file_name", "height", "width", "bbox", "extreme_points",
                     "gt_segmentation"]  # fmt: skip
-
-
-def _dataset(uri: str) -> ds.Dataset | None:
-    """A Parquet file or a directory of parts (local or s3); None when there is nothing."""
-    if not storage.exists(uri):
-        return None
-    fs, path = storage.get_filesystem(uri)
-    if storage.is_dir(uri):
-        prefix = len("s3://") if storage.is_s3(uri) else 0
-        path = [f[prefix:] for f in storage.list_dir(uri) if f.endswith(".parquet")]
-        if not path:
-            return None
-    return ds.dataset(path, filesystem=fs, format="parquet")
 
 
 def lowest_scores(
@@ -116,13 +104,15 @@ def weakest_masks(
     """
     if k < 0 or bins < 1:
         raise ValueError(f"k must be >= 0 and bins >= 1, got k={k}, bins={bins}")
-    masks = _dataset(masks_uri)
+    masks = parquet_dataset(masks_uri)
     if masks is None:
         raise FileNotFoundError(f"no mask parts at {masks_uri} (label has not run)")
     low, counts, no_score = lowest_scores(_score_batches(masks), k, bins)
     ids = [a for _, a in low]
     rows = _rows_by_id(masks, ids, ["ann_id", "image_id", "segmentation", "area"])
-    inst = _rows_by_id(_dataset(instances_uri) if instances_uri else None, ids, INSTANCE_COLUMNS)
+    inst = _rows_by_id(
+        parquet_dataset(instances_uri) if instances_uri else None, ids, INSTANCE_COLUMNS
+    )
     weakest = []
     for score, a in low:
         row, src = rows[a], inst.get(a) or {}
