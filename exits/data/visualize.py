@@ -100,6 +100,13 @@ def loss_curve_png(history: list[dict]) -> bytes:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout, 100 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with tempfile.TemporaryFile() as f:
         fig.savefig(f, format="png", dpi=100)

@@ -294,9 +294,9 @@ def _retrieval_figure(r: Run, n_crops: int) -> list[Block]:
 # ----------------------------------------------------------------------------- weakest masks
 def _score_histogram_png(edges: list[float], counts: list[int]) -> bytes:
     """Bar chart of the score histogram eval saved (``bins`` edges, counts per bin)."""
-    import tempfile
-
     import matplotlib
+
+    from exits.data.visualize import figure_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,12 +308,7 @@ def _score_histogram_png(edges: list[float], counts: list[int]) -> bytes:
     ax.set_xlabel("mask quality score")
     ax.set_ylabel("masks")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    with tempfile.TemporaryFile() as f:
-        fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-        f.seek(0)
-        return f.read()
+    return figure_png(fig)
 
 
 def _weak_tile(image: np.ndarray, entry: dict) -> np.ndarray:

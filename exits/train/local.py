@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from exits import storage
-from exits.checkpoints import checkpoint_bytes
 from exits.config import CropConfig, LossConfig, ModelConfig, RetrievalConfig, TrainConfig
 from exits.method.crf import build_crf
 from exits.model.generator import (
@@ -37,6 +36,7 @@ from exits.train.loops import (
     _encode_views,
     _loader,
     _model_kwargs,
+    export_bytes,
     param_groups,
     train_step,
     warmup_cosine,
@@ -122,11 +122,6 @@ def fit_local(
     loader_workers = int(config.get("loader_workers", 1))
     cache = None
     if caching:
-        if not model.encoder.cacheable:
-            raise ValueError(
-                "generator.cache_views needs a frozen encoder part (0 <= model.trainable_blocks"
-                f" < {model.encoder.depth}), got {model.encoder.trainable_blocks}"
-            )
         cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared, 0, 1)
     parts = StepParts(stage, model, model, teacher, extractor, optimizer, scheduler, rcfg, lcfg,
                       crf_fn, device, amp, gen, shared, tcfg.ema_momentum)  # fmt: skip
@@ -162,11 +157,7 @@ def fit_local(
     emit(progress.summary({"loss": history[-1]["loss"] if history else float("nan")}))
 
     export = teacher if teacher is not None else model
-    kind = "generator" if teacher is not None else "extractor"
-    bkw = dict(kwargs)
-    if kind == "extractor":
-        bkw["attention_block"] = model.attention_block
-    data = checkpoint_bytes(export, mcfg.generator, kind, bkw, {"step": step, "final": True})
+    data = export_bytes(model, teacher, mcfg.generator, kwargs, step, True)
     uri = None
     if out is not None:
         uri = storage.join(out, MODEL_FILE)

@@ -110,7 +110,14 @@ def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: Retrieva
                   workers_on_node: int = 1) -> dict:  # fmt: skip
     """This worker's shard encoded under ``tcfg.cache_views`` views (feature_cache), with a
     progress line per view from rank 0; refused before any row is read when the cache would
-    exceed its limit (``workers_on_node``: the workers sharing this node's memory)."""
+    exceed its limit (``workers_on_node``: the workers sharing this node's memory), or when
+    the teacher's encoder has no frozen part to cache."""
+    encoder = getattr(teacher, "module", teacher).encoder
+    if not encoder.cacheable:
+        raise ValueError(
+            "generator.cache_views needs a frozen encoder part (0 <= model.trainable_blocks"
+            f" < {encoder.depth}), got {encoder.trainable_blocks}"
+        )
     rows = np.asarray(shard_indices(len(dataset), rank, world), dtype=np.int64)
     limit, source = cache_limit(tcfg.cache_max_gb, node_memory_bytes(), workers_on_node)
     crop_bytes = model_crop_cache_bytes(teacher, lcfg.objective == "exits")
@@ -126,6 +133,18 @@ def _encode_views(teacher, extractor, dataset, tcfg: TrainConfig, rcfg: Retrieva
 
     return encode_views(teacher, extractor, part, indices, tcfg.cache_views, rcfg, lcfg,
                         tcfg.batch_size, device, shared=shared, on_view=on_view)  # fmt: skip
+
+
+def export_bytes(model: nn.Module, teacher: nn.Module | None, builder: str, kwargs: dict,
+                 step: int, final: bool) -> bytes:  # fmt: skip
+    """The stage's self-describing ``model.pt`` (``exits.checkpoints``): the EMA teacher of 1b
+    (kind "generator") or the warming-up extractor of 1a (kind "extractor", with its attention
+    block among the builder arguments)."""
+    bkw = dict(kwargs)
+    if teacher is None:
+        bkw["attention_block"] = model.attention_block
+        return checkpoint_bytes(model, builder, "extractor", bkw, {"step": step, "final": final})
+    return checkpoint_bytes(teacher, builder, "generator", bkw, {"step": step, "final": final})
 
 
 def _maybe_inject_fault(step: int, tcfg: TrainConfig, marker_dir: str | None, rank: int) -> None:
@@ -276,27 +295,13 @@ def train_loop_per_worker(config: dict) -> None:
             if teacher is not None:
                 state["teacher"] = teacher.state_dict()
             torch.save(state, os.path.join(tmp, STATE_FILE))
-            export = teacher if teacher is not None else model
-            kind = "generator" if teacher is not None else "extractor"
-            bkw = dict(kwargs)
-            if kind == "extractor":
-                bkw["attention_block"] = model.attention_block
             with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-                f.write(
-                    checkpoint_bytes(
-                        export, mcfg.generator, kind, bkw, {"step": step, "final": final}
-                    )
-                )
+                f.write(export_bytes(model, teacher, mcfg.generator, kwargs, step, final))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
 
     cache = None
     if caching:
-        if not model.encoder.cacheable:
-            raise ValueError(
-                "generator.cache_views needs a frozen encoder part (0 <= model.trainable_blocks"
-                f" < {model.encoder.depth}), got {model.encoder.trainable_blocks}"
-            )
         cache = _encode_views(teacher, extractor, dataset, tcfg, rcfg, lcfg, device, shared,
                               rank, world, ctx.get_local_world_size())  # fmt: skip
     parts = StepParts(stage, model, ddp_model, teacher, extractor, optimizer, scheduler, rcfg, lcfg,
