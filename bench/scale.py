@@ -364,7 +364,9 @@ def generate_lvis(args: argparse.Namespace, work: str) -> dict:
 class RssSampler:
     """Samples this process's RSS and that of its Ray worker processes (descendants whose
     command line is ``ray::…`` or runs ``default_worker.py``) every ``interval_s`` in a thread;
-    keeps the max of each (bytes)."""
+    keeps the max of each (bytes), and of each's private memory (RSS minus resident shared
+    pages: what Ray's own memory monitor counts for a worker, since the object store's shared
+    pages a worker has touched sit in its RSS while they are owned by the store)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         import threading
@@ -375,18 +377,24 @@ class RssSampler:
         self.interval_s = interval_s
         self.driver_max = 0
         self.worker_max = 0
+        self.driver_private_max = 0
+        self.worker_private_max = 0
         self.workers_seen: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         me = self.psutil.Process()
-        self.driver_max = max(self.driver_max, me.memory_info().rss)
+        mi = me.memory_info()
+        self.driver_max = max(self.driver_max, mi.rss)
+        self.driver_private_max = max(self.driver_private_max, mi.rss - mi.shared)
         for p in me.children(recursive=True):
             try:
                 cmd = " ".join(p.cmdline())
                 if cmd.startswith("ray::") or "default_worker.py" in cmd:
-                    self.worker_max = max(self.worker_max, p.memory_info().rss)
+                    mi = p.memory_info()
+                    self.worker_max = max(self.worker_max, mi.rss)
+                    self.worker_private_max = max(self.worker_private_max, mi.rss - mi.shared)
                     self.workers_seen.add(p.pid)
             except self.psutil.Error:  # gone meanwhile
                 continue
@@ -405,17 +413,27 @@ class RssSampler:
         self._thread.join(timeout=10)
 
 
-def import_rss_bytes(modules: tuple[str, ...]) -> int:
-    """RSS of a fresh Python process after importing ``modules`` (0 for none): the baseline
-    of a Ray worker process of a stage (a real worker also holds Ray's core worker, ~0.1 GB,
-    the same at every size)."""
+def private_bytes() -> int:
+    """This process's RSS minus its resident shared pages (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+def import_rss_bytes(modules: tuple[str, ...]) -> tuple[int, int]:
+    """(peak RSS, private memory) of a fresh Python process after importing ``modules`` ((0, 0)
+    for none): the baseline of a Ray worker process of a stage (a real worker also holds Ray's
+    core worker, ~0.1 GB, the same at every size)."""
     if not modules:
-        return 0
-    code = (f"import gc, importlib, resource, sys; sys.path.insert(0, {REPO!r}); "
+        return 0, 0
+    code = (f"import gc, importlib, os, resource, sys; sys.path.insert(0, {REPO!r}); "
             f"[importlib.import_module(m) for m in {list(modules)!r}]; gc.collect(); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")  # fmt: skip
+            "f = open('/proc/self/statm').read().split(); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "(int(f[1]) - int(f[2])) * os.sysconf('SC_PAGE_SIZE'))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    rss, private = out.stdout.strip().splitlines()[-1].split()
+    return int(rss), int(private)
 
 
 def run_stage(args: argparse.Namespace, work: str) -> dict:
@@ -427,12 +445,12 @@ def run_stage(args: argparse.Namespace, work: str) -> dict:
     import importlib
 
     stage = args.phase.split(":", 1)[1]
-    worker_base = import_rss_bytes(WORKER_IMPORTS[stage])
+    worker_base, worker_private_base = import_rss_bytes(WORKER_IMPORTS[stage])
     for name in (*COMMON_IMPORTS, *STAGE_IMPORTS[stage]):
         importlib.import_module(name)
     gc.collect()
     sampler = RssSampler()
-    base = sampler.psutil.Process().memory_info().rss
+    base, private_base = sampler.psutil.Process().memory_info().rss, private_bytes()
     run = os.path.join(work, "run")
     t0 = time.time()
     with sampler:
@@ -458,6 +476,10 @@ def run_stage(args: argparse.Namespace, work: str) -> dict:
             "worker_import_rss_gb": round(worker_base / GB, 3),
             "driver_peak_rss_gb": round(max(0, driver - base) / GB, 3),
             "worker_peak_rss_gb": round(max(0, sampler.worker_max - worker_base) / GB, 3),
+            "driver_private_gb": round(max(0, sampler.driver_private_max - private_base) / GB, 3),
+            "worker_private_gb": round(
+                max(0, sampler.worker_private_max - worker_private_base) / GB, 3
+            ),
             "driver_raw_peak_gb": round(driver / GB, 3),
             "worker_raw_peak_gb": round(sampler.worker_max / GB, 3),
             "ray_workers_seen": len(sampler.workers_seen)}  # fmt: skip
@@ -480,7 +502,8 @@ def assemble(sizes: list[int], runs: list[dict[str, dict]]) -> dict:
             "instances_per_s": [round(n / w, 1) if w > 0 else None for n, w in zip(sizes, walls)],
             **{k: [r[k] for r in rows]
                for k in ("driver_peak_rss_gb", "worker_peak_rss_gb", "import_rss_gb",
-                         "worker_import_rss_gb")},
+                         "worker_import_rss_gb", "driver_private_gb", "worker_private_gb")
+               if all(k in r for r in rows)},
         }  # fmt: skip
     return {"sizes": list(sizes), "stages": stages}
 
@@ -516,6 +539,8 @@ def verdict(result: dict, *, max_growth: float = GOAL_GROWTH, at: float = GOAL_I
             row[f"{kind}_growth"] = round(g, 3)
             row[f"{kind}_at_goal_gb"] = round(x, 3)
             row[f"{kind}_ok"] = g <= max_growth and x <= limit_gb
+            if f"{kind}_private_gb" in r:  # RSS minus shared pages (object-store pages out)
+                row[f"{kind}_private_growth"] = round(growth(*r[f"{kind}_private_gb"]), 3)
         out[stage] = row
     out["all_ok"] = all(r["driver_ok"] and r["worker_ok"] for r in out.values())
     return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,6 +390,18 @@ def parquet_dataset(uri: str) -> ds.Dataset | None:
         if not path:
             return None
     return ds.dataset(path, filesystem=fs, format="parquet")
+
+
+def scan_batches(
+    data: ds.Dataset | ds.Fragment, columns: Sequence[str], batch_size: int
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` (those ``data`` has), <= ``batch_size`` rows, one part
+    and one batch at a time: pyarrow's default read-ahead (16 batches, 4 parts in flight)
+    makes a reader's memory grow with the number of parts up to 4 of them."""
+    names = data.physical_schema.names if isinstance(data, ds.Fragment) else data.schema.names
+    have = [c for c in columns if c in names]
+    yield from data.to_batches(columns=have, batch_size=batch_size, batch_readahead=1,
+                               fragment_readahead=1)  # fmt: skip
 
 
 def instance_mask(row: dict) -> np.ndarray | None:

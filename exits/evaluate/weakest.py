@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 
 from exits import manifest, storage
 from exits.data import rle
-from exits.data.coco import parquet_dataset
+from exits.data.coco import parquet_dataset, scan_batches
 from exits.data.crops import instance_box
 
 WEAKEST = 24  # masks shown in the report's weakest-masks section
@@ -66,7 +66,7 @@ def lowest_scores(
 
 
 def _score_batches(masks: ds.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for batch in masks.to_batches(columns=["ann_id", "score"], batch_size=BATCH_ROWS):
+    for batch in scan_batches(masks, ["ann_id", "score"], BATCH_ROWS):
         scores = batch["score"].to_numpy(zero_copy_only=False)  # nulls -> NaN
         yield batch["ann_id"].to_numpy(zero_copy_only=False), scores
 

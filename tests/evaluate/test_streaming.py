@@ -139,23 +139,27 @@ def test_same_numbers_as_the_whole_json_computation(tmp_path, demo_dataset) -> N
     assert same(streaming.table_box_baseline_miou(str(tmp_path / "inst")), old_box)
 
 
-def test_a_batch_reads_only_the_mask_parts_of_its_images(tmp_path, monkeypatch) -> None:
+def test_each_mask_part_is_read_once_per_instance_part_it_overlaps(tmp_path, monkeypatch) -> None:
+    # prepare's parts hold images 1-2, 3-4, 5-6; label's shards 1-3, 4-6 (other shard sizes);
+    # one GT row per batch: the mask reads do not grow with the batches, only with overlaps
     gt = square(2, 2, 4, 4)
     instances = [inst(i, i, gt) for i in range(1, 7)]
     write_parts(instances, INSTANCE_SCHEMA, str(tmp_path / "inst"), [2, 2, 2])
     write_parts(
-        [mask_row(i, i, gt) for i in range(1, 7)], MASK_SCHEMA, str(tmp_path / "masks"), [2, 2, 2]
+        [mask_row(i, i, gt) for i in range(1, 7)], MASK_SCHEMA, str(tmp_path / "masks"), [3, 3]
     )
-    opened: list[int] = []
-    real = streaming._MaskParts.lookup
+    monkeypatch.setattr(streaming, "BATCH_ROWS", 1)
+    made: list[streaming._MaskParts] = []
+    real_init = streaming._MaskParts.__init__
 
-    def counting(self, ann_ids, lo, hi):
-        opened.append(sum(a <= hi and b >= lo for a, b, _ in self.parts))
-        return real(self, ann_ids, lo, hi)
+    def recording(self, uri):
+        real_init(self, uri)
+        made.append(self)
 
-    monkeypatch.setattr(streaming._MaskParts, "lookup", counting)
+    monkeypatch.setattr(streaming._MaskParts, "__init__", recording)
     out = streaming.table_pseudo_label_miou(str(tmp_path / "masks"), str(tmp_path / "inst"))
-    assert out["all"] == {"miou": 1.0, "count": 6} and opened == [1, 1, 1]
+    assert out["all"] == {"miou": 1.0, "count": 6} and out["missing"] == 0
+    assert made[0].reads == 4  # part 1-2: shard 1-3; 3-4: both shards; 5-6: shard 4-6
 
 
 def test_exact_sums_do_not_depend_on_the_order() -> None:
