@@ -112,7 +112,7 @@ def score_quality(model, table, images: str, size: int, enlarge: float, threshol
     every candidate score (``exits.inference.score_candidates``)."""
     rows = sorted((r for r in table.to_pylist() if r.get("gt_segmentation")),
                   key=lambda r: r["file_name"])  # fmt: skip
-    scores, ious, cands = [], [], {}
+    scores, ious, cands, per = [], [], {}, {"ann_id": [], "box_wh": [], "separated": []}
     for row, prob in masks_for_rows(model, rows, images, size, enlarge):
         box, points = row_box(row)
         mask, score = threshold_and_score(prob, box, threshold, points)
@@ -122,11 +122,16 @@ def score_quality(model, table, images: str, size: int, enlarge: float, threshol
             cands.setdefault(k, []).append(v)
         scores.append(score)
         ious.append(rle.iou(rle.encode(mask), rle.from_json(row["gt_segmentation"])))
+        per["ann_id"].append(int(row["ann_id"]))
+        per["box_wh"].append([c.stop - c.start, r.stop - r.start])
+        per["separated"].append(bool(row.get("separated")))
     iou = np.asarray(ious)
     ranking = score_ranking(np.asarray(scores), iou)
     return {**{k: round(v, 4) for k, v in ranking.items()}, "count": len(scores),
             "candidates": {k: {m: round(x, 4) for m, x in score_ranking(np.asarray(v), iou).items()}
-                           for k, v in cands.items()}}  # fmt: skip
+                           for k, v in cands.items()},
+            # per instance, for offline analysis of other scores (written beside the run)
+            "per_instance": {**per, "iou": ious, "score": scores, **cands}}  # fmt: skip
 
 
 SOURCES = ("spatial", "bilateral", "attention", "attention_x_bilateral", "tokens",
@@ -260,6 +265,10 @@ def main() -> None:
         t = time.time()
         score[name] = score_quality(model, val, data["images"], c.crop.size,
                                     c.crop.inference_enlarge, c.label.threshold)  # fmt: skip
+        per_instance = os.path.join(out, f"score_{name}.json")
+        with open(per_instance, "w") as f:
+            json.dump(score[name].pop("per_instance"), f)
+        score[name]["per_instance"] = per_instance
         timings[f"score_{name}"] = round(time.time() - t, 1)
     for kind in ("box", "grabcut"):
         t = time.time()

@@ -31,11 +31,15 @@ manifest; export: the call), instances/s (size / seconds: for the fixed-step tra
 measure of their per-instance overhead, not a training rate), the driver's peak RSS and the
 largest Ray worker process's (psutil samples every 0.2 s), both as growth over the process's
 RSS after the stage's imports (``import_rss_gb``; workers: ``worker_import_rss_gb``, a plain
-process importing what the stage's workers import). Last line: ``{"sizes": [small, large],
+process importing what the stage's workers import). Beside RSS, the private memory (RSS
+minus the shared pages: what Ray's memory monitor and the OOM killer count; object-store
+pages a worker has touched are shared and are not in it), over its own import baseline:
+``driver_private_gb`` / ``worker_private_gb``. Last line: ``{"sizes": [small, large],
 "stages": {stage: {"wall_s": [a, b], "instances_per_s": [a, b], "driver_peak_rss_gb": [a, b],
-"worker_peak_rss_gb": [a, b], "import_rss_gb": [a, b], "worker_import_rss_gb": [a, b]}},
-"verdict": {...}}``, the verdict
-being the memory goal (growth <= 10 %, <= 4 GB at 1.27 M instances by linear extrapolation).
+"worker_peak_rss_gb": [a, b], "driver_private_gb": [a, b], "worker_private_gb": [a, b],
+"import_rss_gb": [a, b], "worker_import_rss_gb": [a, b]}}, "verdict": {...}}``, the verdict
+being the memory goal (growth <= 10 %, <= 4 GB at 1.27 M instances by linear extrapolation),
+for RSS and for private memory.
 ``--driver-only``: generate, then only the driver's side of prepare (parse, plan, per-shard
 rows): its peak RSS at full size when the shard tasks would take too long on a loaded box.
 

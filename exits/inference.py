@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import torch
 from scipy.special import expit
@@ -140,12 +141,27 @@ def expected_iou(prob: np.ndarray, mask: np.ndarray) -> float:
     return inter / (float(mask.sum()) + float(p.sum()) - inter)
 
 
+def mask_fill(mask: np.ndarray) -> float:
+    """How much of its box the mask fills: (h, w) bool mask of the box's pixels -> mask pixels /
+    box pixels in [0, 1]; 0 for an empty box."""
+    return float(mask.mean()) if mask.size else 0.0
+
+
+def mask_parts(mask: np.ndarray) -> float:
+    """1 / the number of 8-connected components of the (h, w) bool mask: 1 for one piece, 1/k
+    for k pieces, 0 for an empty mask."""
+    if not mask.any():
+        return 0.0
+    n, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return 1.0 / (n - 1)  # label 0 is the background
+
+
 def score_candidates(
     prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None
 ) -> dict[str, float]:
     """Every quality-score candidate measured for issue 25 (bench/quality.py reports each one's
-    Spearman with IoU): ``expected_iou`` (shipped), ``confidence``, ``margin``, ``click`` and
-    ``click_x_margin``.
+    Spearman with IoU): ``expected_iou`` (shipped), ``confidence``, ``margin``, ``click``,
+    ``click_x_margin``, ``fill`` (mask / box pixels) and ``parts`` (1 / components).
 
     ``prob`` / ``mask``: (h, w) probabilities / thresholded mask of the box's pixels;
     ``points``: (4, 2) extreme points in that frame, or None / NaN (box-only supervision: the
@@ -158,7 +174,8 @@ def score_candidates(
         )
     click, margin = click_agreement(mask, points), box_margin(prob)
     return {"expected_iou": expected_iou(prob, mask), "confidence": mask_confidence(prob, mask),
-            "margin": margin, "click": click, "click_x_margin": click * margin}  # fmt: skip
+            "margin": margin, "click": click, "click_x_margin": click * margin,
+            "fill": mask_fill(mask), "parts": mask_parts(mask)}  # fmt: skip
 
 
 def mask_score(prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None = None) -> float:
