@@ -67,6 +67,7 @@ import numpy as np  # noqa: E402
 IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (500, 375), (640, 512), (427, 640), (612, 612))
 CATEGORIES = 1203  # LVIS v1
 GB = 1024**3
+SERIES_INTERVAL_S = 10.0  # the sampler's private-memory time series
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -383,7 +384,11 @@ class RssSampler:
         self.worker_max = 0
         self.driver_private_max = 0
         self.worker_private_max = 0
+        self.worker_private_title = ""  # the process title of the worker at its private peak
+        self.series: list[tuple[float, int, int]] = []  # (s, driver private, max worker private)
         self.workers_seen: set[int] = set()
+        self._t0 = time.time()
+        self._next_series = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -391,17 +396,26 @@ class RssSampler:
         me = self.psutil.Process()
         mi = me.memory_info()
         self.driver_max = max(self.driver_max, mi.rss)
-        self.driver_private_max = max(self.driver_private_max, mi.rss - mi.shared)
+        driver_private = mi.rss - mi.shared
+        self.driver_private_max = max(self.driver_private_max, driver_private)
+        worker_private = 0
         for p in me.children(recursive=True):
             try:
                 cmd = " ".join(p.cmdline())
                 if cmd.startswith("ray::") or "default_worker.py" in cmd:
                     mi = p.memory_info()
                     self.worker_max = max(self.worker_max, mi.rss)
-                    self.worker_private_max = max(self.worker_private_max, mi.rss - mi.shared)
+                    worker_private = max(worker_private, mi.rss - mi.shared)
+                    if mi.rss - mi.shared > self.worker_private_max:
+                        self.worker_private_max = mi.rss - mi.shared
+                        self.worker_private_title = cmd[:80]
                     self.workers_seen.add(p.pid)
             except self.psutil.Error:  # gone meanwhile
                 continue
+        now = time.time() - self._t0
+        if now >= self._next_series:  # a coarse time series: does a peak plateau or climb?
+            self.series.append((round(now, 1), driver_private, worker_private))
+            self._next_series = now + SERIES_INTERVAL_S
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -486,7 +500,12 @@ def run_stage(args: argparse.Namespace, work: str) -> dict:
             ),
             "driver_raw_peak_gb": round(driver / GB, 3),
             "worker_raw_peak_gb": round(sampler.worker_max / GB, 3),
-            "ray_workers_seen": len(sampler.workers_seen)}  # fmt: skip
+            "ray_workers_seen": len(sampler.workers_seen),
+            "worker_private_peak_title": sampler.worker_private_title,
+            # (s, driver private, largest worker private) in MB over the import baselines
+            "private_series_mb": [(t, round((d - private_base) / 2**20),
+                                   round((w - worker_private_base) / 2**20) if w else 0)
+                                  for t, d, w in sampler.series]}  # fmt: skip
 
 
 def assemble(sizes: list[int], runs: list[dict[str, dict]]) -> dict:

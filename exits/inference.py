@@ -156,12 +156,23 @@ def mask_parts(mask: np.ndarray) -> float:
     return 1.0 / (n - 1)  # label 0 is the background
 
 
+def mask_reach(mask: np.ndarray) -> float:
+    """How far the mask reaches to its box's four sides: the area of the mask's own bounding
+    box over the box's, (h, w) bool mask of the box's pixels -> [0, 1] (1 when the mask touches
+    every side, as a whole object does its tight box); 0 for an empty mask."""
+    if not mask.any():
+        return 0.0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return float((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) / mask.size
+
+
 def score_candidates(
     prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None
 ) -> dict[str, float]:
     """Every quality-score candidate measured for issue 25 (bench/quality.py reports each one's
     Spearman with IoU): ``expected_iou`` (shipped), ``confidence``, ``margin``, ``click``,
-    ``click_x_margin``, ``fill`` (mask / box pixels) and ``parts`` (1 / components).
+    ``click_x_margin``, ``fill`` (mask / box pixels), ``parts`` (1 / components) and ``reach``
+    (the mask's bounding box / the box).
 
     ``prob`` / ``mask``: (h, w) probabilities / thresholded mask of the box's pixels;
     ``points``: (4, 2) extreme points in that frame, or None / NaN (box-only supervision: the
@@ -175,7 +186,8 @@ def score_candidates(
     click, margin = click_agreement(mask, points), box_margin(prob)
     return {"expected_iou": expected_iou(prob, mask), "confidence": mask_confidence(prob, mask),
             "margin": margin, "click": click, "click_x_margin": click * margin,
-            "fill": mask_fill(mask), "parts": mask_parts(mask)}  # fmt: skip
+            "fill": mask_fill(mask), "parts": mask_parts(mask),
+            "reach": mask_reach(mask)}  # fmt: skip
 
 
 def mask_score(prob: np.ndarray, mask: np.ndarray, points: np.ndarray | None = None) -> float:

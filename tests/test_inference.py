@@ -24,6 +24,7 @@ from exits.inference import (
     mask_fill,
     mask_from_logits,
     mask_parts,
+    mask_reach,
     mask_score,
     masks_for_rows,
     score_candidates,
@@ -137,7 +138,7 @@ def test_score_candidates_hand_computed_and_box_rows_use_side_midpoints():
     got = score_candidates(prob, mask, CLICKS)
     assert got == pytest.approx({"expected_iou": soft, "confidence": confidence, "margin": margin,
                                  "click": 3.35 / 4, "click_x_margin": 3.35 / 4 * margin,
-                                 "fill": 0.7, "parts": 1.0})  # fmt: skip
+                                 "fill": 0.7, "parts": 1.0, "reach": 0.7})  # fmt: skip
     assert mask_score(prob, mask, CLICKS) == pytest.approx(soft)  # the shipped score
     assert mask_confidence(prob, np.zeros_like(mask)) == 0.0
     assert expected_iou(prob, np.zeros_like(mask)) == 0.0
@@ -151,17 +152,21 @@ def test_score_candidates_hand_computed_and_box_rows_use_side_midpoints():
     )
 
 
-def test_mask_fill_and_parts_hand_computed():
+def test_mask_fill_parts_and_reach_hand_computed():
     mask = np.zeros((4, 5), bool)
     mask[0, 0:2] = True  # piece 1: 2 px
     mask[2:4, 3] = True  # piece 2: 2 px, not touching piece 1
     mask[3, 0] = True  # piece 3: 1 px
     assert mask_fill(mask) == pytest.approx(5 / 20)
     assert mask_parts(mask) == pytest.approx(1 / 3)
+    assert mask_reach(mask) == pytest.approx(4 * 4 / 20)  # rows 0-3, columns 0-3 of 4 x 5
     mask[1, 2] = True  # touches piece 1 diagonally (1, 2)-(0, 1) and piece 2 (2, 3): one piece
     assert mask_parts(mask) == pytest.approx(1 / 2)
     assert mask_parts(np.zeros((3, 3), bool)) == 0.0
     assert mask_fill(np.zeros((0, 0), bool)) == 0.0
+    assert mask_reach(np.zeros((3, 3), bool)) == 0.0
+    mask[:, 4] = True  # now touches all four sides
+    assert mask_reach(mask) == 1.0
 
 
 def test_box_pixels_follow_the_pixel_centre_rule():

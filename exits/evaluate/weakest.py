@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 
 from exits import manifest, storage
 from exits.data import rle
-from exits.data.coco import parquet_dataset, scan_batches
+from exits.data.coco import filter_table, parquet_dataset, scan_batches
 from exits.data.crops import instance_box
 
 WEAKEST = 24  # masks shown in the report's weakest-masks section
@@ -74,8 +74,7 @@ def _score_batches(masks: ds.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray]]
 def _rows_by_id(data: ds.Dataset | None, ids: list[int], columns: list[str]) -> dict[int, dict]:
     if data is None or not ids:
         return {}
-    have = [c for c in columns if c in data.schema.names]
-    t = data.to_table(columns=have, filter=pc.field("ann_id").isin(pa.array(ids, pa.int64())))
+    t = filter_table(data, columns, pc.field("ann_id").isin(pa.array(ids, pa.int64())))
     return {r["ann_id"]: r for r in t.to_pylist()}
 
 

@@ -225,3 +225,31 @@ def test_parquet_dataset_reads_parts_only(tmp_path) -> None:
     assert sorted(parquet_dataset(str(table)).to_table()["a"].to_pylist()) == [1, 2, 3]
     one = parquet_dataset(str(table / "part-00001.parquet"))
     assert one.to_table()["a"].to_pylist() == [3]
+
+
+def test_scan_batches_and_filter_table_go_part_by_part(tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from exits.data.coco import filter_table, scan_batches
+
+    root = tmp_path / "parts"
+    root.mkdir()
+    for k in range(3):  # parts of 5 rows: ann_id 10k .. 10k + 4
+        t = pa.table({"ann_id": pa.array(range(10 * k, 10 * k + 5), pa.int64()),
+                      "v": pa.array([float(k)] * 5)})  # fmt: skip
+        pq.write_table(t, root / f"part-{k}.parquet")
+    data = ds.dataset(str(root), format="parquet")
+    batches = list(scan_batches(data, ["ann_id", "missing"], 3))
+    # never across parts: 3 + 2 rows per part; a column the data lacks is skipped
+    assert [b.num_rows for b in batches] == [3, 2] * 3
+    assert batches[0].schema.names == ["ann_id"]
+    assert sorted([i for b in batches for i in b["ann_id"].to_pylist()]) == sorted(
+        data.to_table()["ann_id"].to_pylist()
+    )
+    wanted = pc.field("ann_id").isin(pa.array([1, 12, 24, 99], pa.int64()))
+    got = filter_table(data, ["ann_id", "v"], wanted)
+    assert sorted(zip(*got.to_pydict().values())) == [(1, 0.0), (12, 1.0), (24, 2.0)]
+    empty = filter_table(data, ["v", "missing"], pc.field("ann_id") == 99)
+    assert empty.num_rows == 0 and empty.schema.names == ["v"]
