@@ -10,9 +10,11 @@ Quality score (issue 25): every mask gets a score in [0, 1] from the same pasted
 no second pass: ``mask_score`` = ``expected_iou`` (soft IoU of the box's probabilities with
 their own thresholded mask). The other candidates (``mask_confidence``: mean probability inside
 the mask; ``click_agreement``: the mask against its own four extreme points; ``box_margin``: how
-far from undecided the probabilities in the box are; click x margin) ranked masks worse on the
-coco_mini tune split (docs/benchmarks.md); ``score_candidates`` computes all of them so
-bench/quality.py can re-measure the choice on another generator.
+far from undecided the probabilities in the box are; click x margin; ``mask_fill``,
+``mask_parts``, ``mask_reach``: the mask's shape in its box) ranked masks worse on the
+coco_mini tune split, alone, multiplied with expected IoU, or in a fitted linear combination
+(docs/benchmarks.md); ``score_candidates`` computes all of them so bench/quality.py can
+re-measure the choice on another generator.
 """
 
 from __future__ import annotations
