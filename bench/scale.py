@@ -288,7 +288,7 @@ GOAL_INSTANCES = 1_270_000  # LVIS v1 train
 GOAL_GB = 4.0  # per process at GOAL_INSTANCES, imports included
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # imported before the baseline RSS is taken, so that a peak is what the stage holds, not code
-COMMON_IMPORTS = ("numpy", "pyarrow", "pyarrow.parquet", "torch", "ray", "ray.data",
+COMMON_IMPORTS = ("exits", "numpy", "pyarrow", "pyarrow.parquet", "torch", "ray", "ray.data",
                   "exits.pipeline", "exits.console", "jobs.pipeline")  # fmt: skip
 STAGE_IMPORTS = {
     "prepare": ("exits.data.prepare", "exits.pipeline.prepare"),

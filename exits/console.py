@@ -33,16 +33,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import exits
+
 LOG_DIR = "logs"
 DRIVER_LOG = "driver.log"
 NATIVE_LOG = "driver-native.log"  # the driver's fd 2 (Ray's C++ logging) in quiet mode
 RAY_LOGS = "ray"
-# Arrow's allocator for the driver and every Ray worker of a job: "system" (glibc), not the
-# wheel's default mimalloc, whose per-thread caches kept ~1 KB per instance read at 50 k
-# instances (the streamed eval's private memory 49 MB vs 8 MB on the system pool; bench/scale.py
-# --stages all, docs/benchmarks.md). A value the user sets in the environment wins.
-ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
-ARROW_POOL = "system"
 FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _RAY_LOGGERS = ("ray", "ray.data")  # Ray's loggers with their own console handlers
 
@@ -127,32 +123,16 @@ def ray_init(*, address: str | None = None, num_cpus: int | None = None,
     return session_dir
 
 
-_arrow_pool_set_here = False  # this module set $ARROW_DEFAULT_MEMORY_POOL (not the user)
-
-
-def _set_arrow_pool_env() -> None:
-    global _arrow_pool_set_here
-    if ARROW_POOL_ENV not in os.environ:
-        os.environ[ARROW_POOL_ENV] = ARROW_POOL  # a local Ray's workers inherit it too
-        _arrow_pool_set_here = True
-
-
 def arrow_pool_everywhere(init_kwargs: dict) -> dict:
-    """Arrow's allocator (:data:`ARROW_POOL` unless ``$ARROW_DEFAULT_MEMORY_POOL`` is set) in
-    this process now and in every worker: ``ray.init`` keyword arguments with the variable in
-    ``runtime_env["env_vars"]`` (left out when the user set it: the job's own runtime env
-    already carries it, and Ray refuses the same key from both)."""
-    import pyarrow as pa
-
-    if os.environ.get(ARROW_POOL_ENV, ARROW_POOL) != ARROW_POOL or (
-        ARROW_POOL_ENV in os.environ and not _arrow_pool_set_here
-    ):
+    """``ray.init`` keyword arguments that give every Ray worker of the job the Arrow allocator
+    this package chose at import (``exits.ARROW_POOL``): the variable in
+    ``runtime_env["env_vars"]``. Unchanged when the user set ``$ARROW_DEFAULT_MEMORY_POOL``
+    (the job's own runtime env already carries it, and Ray refuses the same key from both)."""
+    if not exits.ARROW_POOL_SET_HERE:
         return init_kwargs
-    _set_arrow_pool_env()
-    pa.set_memory_pool(pa.system_memory_pool())
     runtime_env = dict(init_kwargs.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), ARROW_POOL_ENV: ARROW_POOL}
-    return {**init_kwargs, "runtime_env": runtime_env}
+    env_vars = {**(runtime_env.get("env_vars") or {}), exits.ARROW_POOL_ENV: exits.ARROW_POOL}
+    return {**init_kwargs, "runtime_env": {**runtime_env, "env_vars": env_vars}}
 
 
 def collect_ray_logs(session_dir: str | None, dest_dir: str) -> list[str]:
