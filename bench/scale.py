@@ -16,8 +16,8 @@ Phases, each in its own process so that each peak RSS is its own:
   generate  the json and the images (not timed into the results);
   prepare   ``exits.data.prepare.prepare_instances`` with Ray (``address="local"``, 2 CPUs,
             300 MB object store): driver peak RSS (json parse included), worker peak RSS;
-  plan      stage 1c planning on the sharded table (read_instances, assign_shards, image_rows,
-            fingerprint, the per-shard expected ids);
+  plan      stage 1c planning as its driver does it (scan_input, fingerprint, the per-shard
+            expected ids, image_blocks);
   masks     fake mask rows (the GT RLE as the pseudo mask: realistic RLE size), label shards;
   export    ``exits.label.export.export_coco`` (streaming).
 ``--stages all``: every pipeline stage (prepare, warmup, generator, label, export, stage2,
@@ -221,22 +221,18 @@ def driver(args: argparse.Namespace, work: str) -> dict:
 
 
 def plan(args: argparse.Namespace, work: str) -> dict:
-    from exits.label.plan import (
-        assign_shards,
-        expected_ids,
-        fingerprint,
-        image_rows,
-        read_instances,
-    )
+    """The labelling driver's planning as ``label_instances`` does it (without Ray's put)."""
+    from exits.label.plan import expected_ids, fingerprint, image_blocks, scan_input
 
     imported = round(peak_rss_gb(), 3)
     t0 = time.time()
-    table = assign_shards(read_instances(os.path.join(work, "prepare", "instances.parquet")), 10)
-    rows = image_rows(table)
-    fingerprint(table, bench=True)
-    expected = expected_ids(table)
+    uri = os.path.join(work, "prepare", "instances.parquet")
+    scan = scan_input(uri, 10)
+    fingerprint(scan.digest, bench=True)
+    expected = expected_ids(scan.shard, scan.ann_id)
+    images = sum(b.num_rows for b in image_blocks(uri, scan.image_ids, 10, set(), 8, 128))
     return {"plan_s": round(time.time() - t0, 1), "plan_peak_rss_gb": round(peak_rss_gb(), 3),
-            "plan_import_rss_gb": imported, "plan_images": rows.num_rows,
+            "plan_import_rss_gb": imported, "plan_images": images,
             "plan_shards": len(expected)}  # fmt: skip
 
 

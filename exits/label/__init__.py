@@ -31,6 +31,9 @@ stream, keys rows by ``ann_id`` (so a retried Ray task cannot duplicate a row) a
 shard holds every one of its instances, publishes ``errors/shard-00012.parquet`` and then
 ``masks/shard-00012.parquet`` (each an atomic single-object write; the masks file is the commit
 marker). A re-run lists the committed shards and feeds only the other images into the pipeline.
+The driver never holds the instance table: one pass part by part keeps each instance's ann_id
+and shard and a digest of the inputs (``plan.scan_input``), a second builds the image-row blocks
+of the shards to do and puts them into the object store one at a time (``plan.image_blocks``).
 :func:`verify_outputs` then checks that every input ``ann_id`` appears exactly once in masks
 plus errors, and ``manifest.json`` is written last.
 
@@ -62,8 +65,11 @@ from exits.label.plan import (
     assign_shards,
     describe_checkpoint,
     fingerprint,
+    image_blocks,
     image_rows,
+    instance_parts,
     read_instances,
+    scan_input,
 )
 from exits.label.run import InjectedFault, label_instances
 from exits.label.stages import (
@@ -98,13 +104,16 @@ __all__ = [
     "describe_checkpoint",
     "export_coco",
     "fingerprint",
+    "image_blocks",
     "image_rows",
+    "instance_parts",
     "label_instances",
     "mask_from_logits",
     "paste_masks",
     "read_errors",
     "read_instances",
     "read_masks",
+    "scan_input",
     "shard_uri",
     "verify_outputs",
 ]

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from exits import manifest, storage
 from exits.data.coco import ERROR_SCHEMA, error_row, read_table, write_table
-from exits.label.plan import MASK_SCHEMA, PREPARE_ERRORS, STAGE, read_instances
+from exits.label.plan import MASK_SCHEMA, PREPARE_ERRORS, STAGE, instance_parts
 
 SHARD_FORMAT = "shard-{:05d}.parquet"
 
@@ -126,9 +126,11 @@ def read_errors(
 
 
 def verify_outputs(
-    output: str, instances: pa.Table | str, upstream_errors: pa.Table | None = None
+    output: str, instances: pa.Table | str | np.ndarray, upstream_errors: pa.Table | None = None
 ) -> dict[str, int]:
     """Check that every input instance is in the outputs exactly once (mask or error row).
+
+    ``instances``: the instance table (Arrow or Parquet URI, read part by part) or its ann_ids.
 
     Raises:
         OutputMismatch: on any missing, duplicated or unexpected ann_id, listing examples.
@@ -137,10 +139,13 @@ def verify_outputs(
         {"instances", "masks", "errors" (label stage), "prepare_errors", "empty_masks"}, over
         every committed shard (this run's and earlier runs').
     """
-    table = read_instances(instances)
+    if isinstance(instances, np.ndarray):
+        want = instances
+    else:
+        parts = [p["ann_id"].to_numpy() for p in instance_parts(instances)]
+        want = np.concatenate(parts) if parts else np.empty(0, np.int64)
     masks = read_masks(output, columns=["ann_id", "area"])
     errors = read_errors(output, include_prepare=False, columns=["ann_id"])
-    want = table["ann_id"].to_numpy()
     got = np.concatenate([masks["ann_id"].to_numpy(), errors["ann_id"].to_numpy()])
     ids, counts = np.unique(got, return_counts=True)
     duplicated = ids[counts > 1]

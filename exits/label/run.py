@@ -20,14 +20,13 @@ from exits.label.plan import (
     PLAN,
     PREPARE_ERRORS,
     STAGE,
-    assign_shards,
     describe_checkpoint,
     expected_ids,
     fingerprint,
-    image_rows,
-    read_instances,
+    image_blocks,
+    scan_input,
 )
-from exits.label.stages import build_dataset
+from exits.label.stages import build_dataset, crop_task_memory
 from exits.model.generator import OUTPUT_STRIDE
 from exits.progress import Progress
 
@@ -57,20 +56,35 @@ def _validate(crop: CropConfig, cfg: LabelConfig) -> None:
         raise ValueError(f"crop size {crop.size} is not a multiple of {OUTPUT_STRIDE}")
 
 
-def local_image_stats(table: pa.Table, images: str) -> str | None:
+def local_image_stats(file_names: list[str], images: str) -> str | None:
     """Digest of (file name, size, mtime) of every image under a local root (one ``stat``
     each; None on s3, where it would cost a request per image): part of the plan's
     fingerprint, so an image replaced in place is never silently reused."""
     if storage.is_s3(images) or "://" in images:
         return None
     h = hashlib.sha256()
-    for name in sorted(set(table["file_name"].to_pylist())):
+    for name in sorted(set(file_names)):
         try:
             st = os.stat(os.path.join(images, name))
             h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:  # a missing file becomes an error row later; its absence is hashed
             h.update(f"{name}\0-\n".encode())
     return h.hexdigest()[:16]
+
+
+def _put_blocks(instances, scan, done: set[int], crop: CropConfig, cfg: LabelConfig,
+                shard_images: int) -> tuple[list, int]:  # fmt: skip
+    """The image-row blocks of the shards to do, put into the object store one at a time (the
+    driver holds one part of the table, then only the references), and the decode task's
+    memory request (:func:`crop_task_memory` over every block)."""
+    import ray
+
+    refs, memory = [], 0
+    for block in image_blocks(instances, scan.image_ids, shard_images, done,
+                              cfg.images_per_block, cfg.batch_size * ROW_BATCHES):  # fmt: skip
+        memory = max(memory, crop_task_memory(block, crop.size, cfg.images_per_block))
+        refs.append(ray.put(block))
+    return refs, memory
 
 
 def label_instances(
@@ -111,7 +125,7 @@ def label_instances(
     if shard_images is None:
         shard_images = cfg.shard_images
     started = time.time()
-    table = assign_shards(read_instances(instances), shard_images)
+    scan = scan_input(instances, shard_images)  # ids and shards only; the table stays on disk
     ckpt = describe_checkpoint(checkpoint)
     if ckpt["kind"] != "generator":
         raise ValueError(f"{checkpoint} is a {ckpt['kind']!r} checkpoint, not a generator")
@@ -119,11 +133,11 @@ def label_instances(
         raise ValueError(f"crop size {crop.size} != generator input size {ckpt['input_size']}")
     gen_id = ckpt["id"]
     fp = fingerprint(
-        table, generator=gen_id, images=images, size=crop.size, enlarge=crop.inference_enlarge,
-        threshold=cfg.threshold, shard_images=shard_images,
-        image_files=local_image_stats(table, images),
+        scan.digest, generator=gen_id, images=images, size=crop.size,
+        enlarge=crop.inference_enlarge, threshold=cfg.threshold, shard_images=shard_images,
+        image_files=local_image_stats(scan.file_names, images),
     )  # fmt: skip
-    num_shards = int(table["shard"].to_numpy().max()) + 1 if table.num_rows else 0
+    num_shards = scan.num_shards
     stage_dir = manifest.stage_uri(output, STAGE)
     plan_uri = storage.join(stage_dir, PLAN)
     if storage.exists(plan_uri):
@@ -135,7 +149,7 @@ def label_instances(
             )
     else:
         storage.write_json(plan_uri, {"fingerprint": fp, "num_shards": num_shards,
-                                      "shard_images": shard_images, "instances": table.num_rows})  # fmt: skip
+                                      "shard_images": shard_images, "instances": len(scan.ann_id)})  # fmt: skip
     if upstream_errors is not None:
         write_table(
             upstream_errors.cast(ERROR_SCHEMA), storage.join(stage_dir, "errors", PREPARE_ERRORS)
@@ -145,14 +159,15 @@ def label_instances(
         return {**manifest.read_manifest(output, STAGE)["summary"], "cached": True}
 
     done = committed_shards(output)
-    shards = table["shard"].to_numpy()
-    todo = table.filter(pa.array(~np.isin(shards, sorted(done))))
-    committer = ShardCommitter(output, expected_ids(todo))
+    todo = ~np.isin(scan.shard, sorted(done))
+    committer = ShardCommitter(output, expected_ids(scan.shard[todo], scan.ann_id[todo]))
     t0, first_result, first_rows, commit_s = time.time(), None, 0, 0.0
-    progress = Progress("1c", todo.num_rows, unit="rows", rate_unit="crops/s")
-    if todo.num_rows:
+    progress = Progress("1c", int(todo.sum()), unit="rows", rate_unit="crops/s")
+    if todo.any():
+        blocks, task_memory = _put_blocks(instances, scan, done, crop, cfg, shard_images)
         ds = build_dataset(
-            image_rows(todo, max_instances=cfg.batch_size * ROW_BATCHES),
+            blocks,
+            task_memory=task_memory,
             images=images,
             checkpoint=checkpoint,
             generator_id=gen_id,
@@ -178,7 +193,7 @@ def label_instances(
     committer.check_complete()
     progress_log.info(progress.summary())
     seconds = time.time() - t0
-    counts = verify_outputs(output, table, upstream_errors)
+    counts = verify_outputs(output, scan.ann_id, upstream_errors)
     summary = {
         **counts,  # masks, errors, empty_masks: over all shards, also those of earlier runs
         "crops": committer.counts["crops"],

@@ -256,7 +256,7 @@ def fit_memory_request(request: int) -> int:
 
 
 def build_dataset(
-    rows: pa.Table,
+    rows: pa.Table | list,
     *,
     images: str,
     checkpoint: str,
@@ -264,14 +264,17 @@ def build_dataset(
     crop: CropConfig,
     cfg: LabelConfig,
     max_image_bytes: int | None = None,
+    task_memory: int | None = None,
 ):
-    """The lazy Ray Data pipeline over image rows (see the module docstring); image files
-    larger than ``max_image_bytes`` (None: ``DataConfig``'s default) are error rows; the
-    decode/paste tasks' CPUs come from :func:`fit_task_cpus`."""
+    """The lazy Ray Data pipeline over image rows (see the module docstring): ``rows`` is a
+    table of image rows (cut into ``cfg.images_per_block`` blocks here) or a list of object
+    references to such blocks (the driver's :func:`exits.label.plan.image_blocks`, put one at a
+    time), then ``task_memory`` is the decode task's memory request (None: computed from the
+    table). Image files larger than ``max_image_bytes`` (None: ``DataConfig``'s default) are
+    error rows; the decode/paste tasks' CPUs come from :func:`fit_task_cpus`."""
     import ray
     import ray.data
 
-    n = rows.num_rows
     step = max(1, cfg.images_per_block)
     # CPU stages pinned to the decode node type when the profile names its resource
     pin = {"resources": {cfg.decode_resource: 0.001}} if cfg.decode_resource else {}
@@ -281,8 +284,13 @@ def build_dataset(
         log.info("label: decode/paste tasks at %.3g CPU each (label.cpus_per_task %.3g and "
                  "the pool's %.3g do not fit %.3g CPUs)", task_cpus, cfg.cpus_per_task,
                  cfg.num_actors * cfg.cpus_per_actor, cluster_cpus)  # fmt: skip
-    blocks = [rows.slice(i, step) for i in range(0, n, step)]
-    ds = ray.data.from_arrow(blocks)
+    if isinstance(rows, pa.Table):
+        task_memory = crop_task_memory(rows, crop.size, cfg.images_per_block)
+        ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
+    else:
+        if task_memory is None:
+            raise ValueError("build_dataset: block references need task_memory")
+        ds = ray.data.from_arrow_refs(rows)
     ds = ds.map_batches(
         crop_images,
         batch_size=cfg.images_per_block,
@@ -296,7 +304,7 @@ def build_dataset(
         # A memory request sized from the metadata. It also keeps this CPU stage out of the
         # actor stage: Ray Data fuses a task map into the following actor map when their
         # remote args match, and the (GPU) actor would then decode JPEGs itself.
-        memory=fit_memory_request(crop_task_memory(rows, crop.size, cfg.images_per_block)),
+        memory=fit_memory_request(task_memory),
         num_cpus=task_cpus,
         **pin,
     )

@@ -21,14 +21,17 @@ from exits.label import (
     InjectedFault,
     OutputMismatch,
     assign_shards,
+    image_blocks,
     image_rows,
     label_instances,
     mask_from_logits,
     read_errors,
     read_masks,
+    scan_input,
     shard_uri,
     verify_outputs,
 )
+from exits.label import plan as label_plan
 
 CROP = CropConfig(size=96)  # vit_tiny_demo input size
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,6 +83,70 @@ def test_shards_and_image_rows_are_deterministic():
     per_image = image_rows(a)
     assert per_image["image_id"].to_pylist() == [1, 3, 5, 9]
     assert per_image["ann_id"].to_pylist() == [[104], [101, 105], [100, 102], [103]]
+
+
+def test_plan_streams_the_table_part_by_part(tmp_path, monkeypatch):
+    """The driver's two passes over a sharded Parquet table (parts of 3 rows): ids, shards and
+    image rows equal the whole-table functions'; the digest follows every input value."""
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"image_id": i, "ann_id": 100 + k, "category_id": 1, "file_name": f"{i}.png", "height": 10,
+         "width": 10, "bbox": [0.0, 0.0, 5.0, float(k + 1)], "extreme_points": None,
+         "supervision": "box"}
+        for k, i in enumerate([1, 3, 1, 5, 5, 9, 9])
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA)
+    uri = tmp_path / "instances.parquet"
+    uri.mkdir()
+    pq.write_table(table.slice(0, 3), uri / "part-00000.parquet")  # images 1, 3, 1
+    pq.write_table(table.slice(3), uri / "part-00001.parquet")  # images 5, 5, 9, 9
+    monkeypatch.setattr(label_plan, "PART_ROWS", 3)  # part 1 is read as batches of 3 + 1 rows
+    scan = scan_input(str(uri), 2)
+    assert scan.ann_id.tolist() == [100, 101, 102, 103, 104, 105, 106]
+    assert scan.shard.tolist() == [0, 0, 0, 1, 1, 1, 1]  # images 1, 3 | 5, 9
+    assert scan.image_ids.tolist() == [1, 3, 5, 9] and scan.num_shards == 2
+    assert scan.file_names == ["1.png", "3.png", "5.png", "9.png"]
+    whole = assign_shards(table, 2)
+    assert dict(zip(whole["ann_id"].to_pylist(), whole["shard"].to_pylist())) == dict(
+        zip(scan.ann_id.tolist(), scan.shard.tolist())
+    )
+    blocks = list(image_blocks(str(uri), scan.image_ids, 2, set(), images_per_block=2))
+    assert all(b.num_rows <= 2 for b in blocks)
+    got = pa.concat_tables(blocks)
+    # image 9's rows straddle the 3-row batches of part 1: two rows, each ann_id once
+    assert got["image_id"].to_pylist() == [1, 3, 5, 9, 9]
+    assert got["ann_id"].to_pylist() == [[100, 102], [101], [103, 104], [105], [106]]
+    assert got["shard"].to_pylist() == [0, 0, 1, 1, 1]
+    todo = pa.concat_tables(image_blocks(str(uri), scan.image_ids, 2, {0}, images_per_block=8))
+    assert todo["image_id"].to_pylist() == [5, 9, 9]
+    # the same content read from memory gives the same ids and shards
+    mem = scan_input(table, 2)
+    assert sorted(mem.ann_id.tolist()) == sorted(scan.ann_id.tolist())
+    # the digest: same input same digest; one changed box value changes it
+    assert scan_input(str(uri), 2).digest == scan.digest
+    changed = table.set_column(
+        table.schema.get_field_index("bbox"), "bbox",
+        pa.array([r["bbox"][:3] + [r["bbox"][3] + (k == 5)] for k, r in enumerate(rows)],
+                 pa.list_(pa.float64(), 4)),
+    )  # fmt: skip
+    pq.write_table(changed.slice(3), uri / "part-00001.parquet")
+    assert scan_input(str(uri), 2).digest != scan.digest
+    # rows of image 1 in both parts (not prepare's layout): a row per part, each ann_id once
+    pq.write_table(table.slice(3).set_column(0, "image_id", pa.array([5, 5, 9, 1])),
+                   uri / "part-00001.parquet")  # fmt: skip
+    scan = scan_input(str(uri), 2)
+    assert scan.shard.tolist() == [0, 0, 0, 1, 1, 1, 0]
+    got = pa.concat_tables(image_blocks(str(uri), scan.image_ids, 2, set(), images_per_block=8))
+    assert got["image_id"].to_pylist() == [1, 3, 5, 9, 1]
+    assert sorted(a for ids in got["ann_id"].to_pylist() for a in ids) == list(range(100, 107))
+    dup = table.set_column(1, "ann_id", pa.array([100, 101, 102, 103, 104, 105, 100]))
+    with pytest.raises(ValueError, match="duplicate ann_id"):
+        scan_input(dup, 2)
+    with pytest.raises(ValueError, match="lacks columns"):
+        scan_input(table.drop_columns(["bbox"]), 2)
+    with pytest.raises(FileNotFoundError):
+        scan_input(str(tmp_path / "nothing"), 2)
 
 
 def test_mask_from_logits_zero_outside_box():
