@@ -217,6 +217,16 @@ def leave_out_weakest(pseudo_json: str, out_json: str, fraction: float = WEAKEST
     return {"annotations": len(kept), "left_out": drop, "cut_score": cut}
 
 
+def kept_miou(gt_json: str, kept_json: str) -> dict[str, Any]:
+    """Pseudo-label mIoU of the masks a cut kept, over their own GT instances only (the left-out
+    ones are not scored 0 as :func:`pseudo_label_miou` would): ``{"miou", "count"}``."""
+    with open(gt_json) as g, open(kept_json) as k:
+        gt, kept = json.load(g), json.load(k)
+    ids = {a["id"] for a in kept["annotations"]}
+    gt["annotations"] = [a for a in gt["annotations"] if a.get("id") in ids]
+    return pseudo_label_miou(gt, kept)["all"]
+
+
 def check_pseudo_json(pseudo_json: str, gt_json: str) -> None:
     """Fail fast when a pseudo-label json is not for the GT json's images."""
     with open(pseudo_json) as f, open(gt_json) as g:
@@ -313,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "exits_top90" in wanted:  # the EXITS json without its weakest 10 % by quality score
         path = os.path.join(root, "exits_top90.json")
         top90 = leave_out_weakest(labels["exits"]["pseudo_json"], path)
+        top90["miou_kept"] = kept_miou(labels["exits"]["data"]["annotations"], path)["miou"]
         labels["exits_top90"] = {**labels["exits"], "pseudo_json": path}
     if labels:
         data = next(iter(labels.values()))["data"]

@@ -155,3 +155,29 @@ def test_leave_out_weakest_drops_the_lowest_scores(bench, tmp_path) -> None:
     (tmp_path / "p.json").write_text(json.dumps(src))
     with pytest.raises(ValueError, match="without a score, e.g. id 5"):
         bench.leave_out_weakest(str(tmp_path / "p.json"), str(out))
+
+
+def test_kept_miou_scores_only_the_kept_instances(bench, tmp_path) -> None:
+    import json
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    def rle(x0, x1):  # a 10x10 image, columns x0..x1-1 of rows 0..4 set
+        m = np.zeros((10, 10), np.uint8, order="F")
+        m[:5, x0:x1] = 1
+        r = mask_utils.encode(m)
+        return {"size": r["size"], "counts": r["counts"].decode()}
+
+    image = {"id": 1, "width": 10, "height": 10}
+    gt = {"images": [image], "categories": [{"id": 3}], "annotations": [
+        {"id": i, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 20,
+         "bbox": [0, 0, 4, 5], "segmentation": rle(0, 4)} for i in (1, 2, 3)]}  # fmt: skip
+    # id 1 exact (IoU 1), id 2 half of it (10 / 20 = 0.5); id 3 left out by the cut
+    kept = {"images": [image], "categories": [{"id": 3}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": rle(0, 4), "score": 0.9},
+        {"id": 2, "image_id": 1, "category_id": 3, "segmentation": rle(0, 2), "score": 0.5}]}  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "kept.json").write_text(json.dumps(kept))
+    got = bench.kept_miou(str(tmp_path / "gt.json"), str(tmp_path / "kept.json"))
+    assert got["count"] == 2 and got["miou"] == pytest.approx(0.75)
