@@ -43,7 +43,7 @@ from typing import Any
 
 from exits.config import load_config
 from exits.data.synthetic import write_demo_dataset
-from exits.evaluate import mask_ap, pseudo_label_miou, retention
+from exits.evaluate import load_json, mask_ap, pseudo_label_miou, retention
 from exits.pipeline import run_pipeline
 from exits.stage2 import build_stage2_config, train_stage2
 from exits.stage2.report_hook import PREDICTIONS_DIR
@@ -220,8 +220,7 @@ def leave_out_weakest(pseudo_json: str, out_json: str, fraction: float = WEAKEST
 def kept_miou(gt_json: str, kept_json: str) -> dict[str, Any]:
     """Pseudo-label mIoU of the masks a cut kept, over their own GT instances only (the left-out
     ones are not scored 0 as :func:`pseudo_label_miou` would): ``{"miou", "count"}``."""
-    with open(gt_json) as g, open(kept_json) as k:
-        gt, kept = json.load(g), json.load(k)
+    gt, kept = load_json(gt_json), load_json(kept_json)
     ids = {a["id"] for a in kept["annotations"]}
     gt["annotations"] = [a for a in gt["annotations"] if a.get("id") in ids]
     return pseudo_label_miou(gt, kept)["all"]
